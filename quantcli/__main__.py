@@ -1,0 +1,3 @@
+from quantcli.cli.app import main
+
+main()

@@ -1,0 +1,66 @@
+"""`quantcli report FILE`: a rich table by default, `--json` for machines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from quantcli.cli.app import app
+from quantcli.cli.common import boundary, out
+from quantcli.pipelines import report as pipeline
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f}"
+
+
+def render(rep: pipeline.Report, show_tensors: bool) -> None:
+    meta = rep.metadata
+    out.print(f"[bold]{rep.file}[/] ({rep.format})")
+    out.print("  ".join(f"{k}: [cyan]{v}[/]" for k, v in meta.items() if v is not None))
+    if show_tensors:
+        t = Table(title="tensors", show_lines=False, pad_edge=False)
+        for col, just in (("name", "left"), ("shape", "left"), ("type", "left"), ("params", "right"),
+                          ("MB", "right"), ("bpw", "right")):
+            t.add_column(col, justify=just)
+        for r in rep.tensors:
+            t.add_row(r.name, "×".join(map(str, r.shape)), r.type, f"{r.params:,}", _mb(r.bytes),
+                      f"{r.bpw:.2f}")
+        out.print(t)
+    if rep.layers:
+        t = Table(title="layers", pad_edge=False)
+        for col, just in (("layer", "right"), ("tensors", "right"), ("params", "right"),
+                          ("MB", "right"), ("bpw", "right"), ("types", "left")):
+            t.add_column(col, justify=just)
+        for r in rep.layers:
+            t.add_row(str(r.layer), str(r.tensors), f"{r.params:,}", _mb(r.bytes), f"{r.bpw:.2f}",
+                      ", ".join(f"{k}×{v}" for k, v in r.types.items()))
+        out.print(t)
+    tot = rep.totals
+    t = Table(title="totals by type", pad_edge=False)
+    for col, just in (("type", "left"), ("tensors", "right"), ("params", "right"), ("MB", "right")):
+        t.add_column(col, justify=just)
+    for name, v in tot.types.items():
+        t.add_row(name, str(v["tensors"]), f"{v['params']:,}", _mb(v["bytes"]))
+    out.print(t)
+    out.print(f"total: {tot.tensors} tensors, {tot.params:,} params, {_mb(tot.bytes)} MB, "
+              f"{tot.bpw:.3f} bpw, {tot.ratio_vs_f16:.2f}× smaller than F16, "
+              f"{tot.ratio_vs_f32:.2f}× smaller than F32")
+
+
+@app.command()
+@boundary
+def report(
+    file: Path = typer.Argument(..., help="GGUF file, safetensors file or Hugging Face model directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema quantcli.report/1)."),
+    tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Include the per-tensor table."),
+) -> None:
+    """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata."""
+    rep = pipeline.run(file)
+    if as_json:
+        typer.echo(json.dumps(rep.to_json(), indent=1))
+    else:
+        render(rep, tensors)

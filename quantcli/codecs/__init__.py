@@ -1,0 +1,123 @@
+"""Codecs for every GGML type, byte-identical to ggml's reference quantizers.
+
+    quantize(x, "Q4_K", importance=None) -> (rows, row_bytes) uint8
+    dequantize(data, "Q4_K", shape) -> float32 of `shape`
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from quantcli.codecs import gguf_backed  # noqa: F401  (registers F32, F16, BF16, Q8_0, TQ*, MXFP4)
+from quantcli.codecs.base import (
+    FP16_MAX,
+    Codec,
+    check_finite_rows,
+    get_codec,
+    registered_types,
+    resolve_type,
+)
+from quantcli.errors import NumericError, UsageError
+
+for _module in ("legacy", "kquants", "iquants", "iq4", "iq3", "iq2", "iq1"):  # families written here, registered on import
+    try:
+        __import__(f"quantcli.codecs.{_module}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"quantcli.codecs.{_module}":
+            raise
+gguf_backed.register_readers()
+
+__all__ = ["Codec", "quantize", "dequantize", "get_codec", "registered_types", "resolve_type"]
+
+
+def quantize(
+    x: np.ndarray,
+    ggml_type: "str | int | GGMLQuantizationType",
+    importance: np.ndarray | None = None,
+) -> np.ndarray:
+    """Quantize float rows exactly as ggml's `ggml_quantize_chunk` does.
+
+    Args:
+        x: float32 `(rows, cols)` (a 1-D array is one row).
+        ggml_type: a type name (`"Q4_K"`), id or `GGMLQuantizationType`.
+        importance: float32 `(cols,)` per-column weights (an imatrix row), or None.
+    Returns:
+        uint8 `(rows, row_bytes)`.
+    """
+    codec = get_codec(ggml_type)
+    name = codec.ggml_type.name
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    if x.ndim != 2:
+        raise UsageError(f"quantize takes (rows, cols) input, got shape {x.shape}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    if cols % codec.block_size:
+        raise UsageError(
+            f"{name} needs rows divisible by its block size {codec.block_size}; "
+            f"row length is {cols}",
+            hint="pick a type with a smaller block (e.g. Q8_0, Q5_0, IQ4_NL) for this tensor",
+        )
+    check_finite_rows(x)
+    if importance is not None:
+        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+        if importance.shape[0] != cols:
+            raise UsageError(
+                f"importance has {importance.shape[0]} values, rows have {cols} columns"
+            )
+        check_finite_rows(importance, "importance")
+    elif codec.requires_importance:
+        raise UsageError(
+            f"{name} cannot be quantized without importance weights (ggml refuses it)",
+            hint="pass an importance matrix with --imatrix (make one with `quantcli imatrix`)",
+        )
+    if rows == 0:
+        return np.zeros((0, codec.row_bytes(cols)), dtype=np.uint8)
+    out = codec.quantize_rows(x, importance)
+    _check_no_overflow(codec, x, out)
+    return out
+
+
+def _check_no_overflow(codec: type[Codec], x: np.ndarray, out: np.ndarray) -> None:
+    """A block whose fp16 scale overflowed decodes to Inf/NaN: refuse it rather than write it."""
+    amax = np.abs(x).max(axis=1)
+    suspect = np.nonzero(amax > 1e4)[0]  # below this no type's fp16 scale can overflow
+    if suspect.size == 0:
+        return
+    back = codec.dequantize_rows(out[suspect], x.shape[1])
+    bad = ~np.isfinite(back).all(axis=1)
+    if bad.any():
+        row = int(suspect[np.argmax(bad)])
+        raise NumericError(
+            f"row {row} has values up to {amax[row]:.4g}: {codec.ggml_type.name}'s fp16 block "
+            f"scale would overflow (max {FP16_MAX:g})",
+            hint="keep this tensor in F32 or BF16 (e.g. --tensor-type NAME=F32)",
+        )
+
+
+def dequantize(
+    data: np.ndarray,
+    ggml_type: "str | int | GGMLQuantizationType",
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """Inverse of `quantize`: raw bytes of a tensor of `shape` (numpy order, last axis = row) -> float32."""
+    codec = get_codec(ggml_type)
+    shape = tuple(int(s) for s in shape)
+    cols = shape[-1] if shape else 1
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if cols % codec.block_size:
+        raise UsageError(
+            f"{codec.ggml_type.name} rows must be multiples of {codec.block_size}; got {cols}"
+        )
+    rows = n // cols if cols else 0
+    raw = np.ascontiguousarray(np.asarray(data).reshape(-1).view(np.uint8))
+    expect = rows * codec.row_bytes(cols)
+    if raw.size != expect:
+        raise UsageError(
+            f"{codec.ggml_type.name} data of shape {shape} needs {expect} bytes, got {raw.size}"
+        )
+    if rows == 0:
+        return np.zeros(shape, dtype=np.float32)
+    return codec.dequantize_rows(raw.reshape(rows, -1), cols).reshape(shape)

@@ -1,0 +1,101 @@
+"""The codec registry: one class per GGML type, registered at definition.
+
+A codec quantizes whole rows: `(rows, cols) float32 -> (rows, row_bytes) uint8`. Rows, not blocks,
+are the unit because ggml's importance-weighted quantizers use statistics of the whole row
+(e.g. `sigma2 = sum(x^2) / n_per_row` in `quantize_row_q3_K_impl`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from quantcli.errors import NumericError, UsageError
+
+_REGISTRY: dict[GGMLQuantizationType, type["Codec"]] = {}
+
+# fp16 cannot hold more than this; a block scale above it would be written as Inf
+FP16_MAX = 65504.0
+
+
+class Codec:
+    """Base of every codec. Subclasses set `ggml_type=` in the class statement and implement
+    `quantize_rows` / `dequantize_rows` on validated, contiguous input."""
+
+    ggml_type: ClassVar[GGMLQuantizationType]
+    block_size: ClassVar[int]
+    type_size: ClassVar[int]
+    requires_importance: ClassVar[bool] = False  # ggml refuses this type without quant_weights
+    can_quantize: ClassVar[bool] = True  # False: read-only (decoded for input, never written)
+
+    def __init_subclass__(cls, ggml_type: GGMLQuantizationType | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if ggml_type is None:
+            return
+        cls.ggml_type = ggml_type
+        cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
+        _REGISTRY[ggml_type] = cls
+
+    # -- implemented by each codec ------------------------------------------------------------
+    @classmethod
+    def quantize_rows(cls, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        """(rows, cols) float32 C-contiguous, importance (cols,) float32 or None
+        -> (rows, cols // block_size * type_size) uint8."""
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize_rows(cls, data: np.ndarray, cols: int) -> np.ndarray:
+        """(rows, row_bytes) uint8 -> (rows, cols) float32."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------------
+    @classmethod
+    def row_bytes(cls, cols: int) -> int:
+        return cols // cls.block_size * cls.type_size
+
+
+def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizationType:
+    """`"Q4_K"`, `12` or `GGMLQuantizationType.Q4_K` -> the enum member; unknown names list the known."""
+    if isinstance(ggml_type, GGMLQuantizationType):
+        return ggml_type
+    if isinstance(ggml_type, str):
+        name = ggml_type.strip().upper()
+        try:
+            return GGMLQuantizationType[name]
+        except KeyError:
+            raise UsageError(f"unknown type '{ggml_type}'; known: {quantizable_names()}") from None
+    try:
+        return GGMLQuantizationType(int(ggml_type))
+    except (ValueError, TypeError):
+        raise UsageError(f"unknown GGML type id {ggml_type!r}") from None
+
+
+def get_codec(ggml_type: "str | int | GGMLQuantizationType") -> type[Codec]:
+    qtype = resolve_type(ggml_type)
+    try:
+        return _REGISTRY[qtype]
+    except KeyError:
+        raise UsageError(f"type {qtype.name} has no codec; known: {quantizable_names()}") from None
+
+
+def registered_types(quantizable: bool = True) -> list[GGMLQuantizationType]:
+    """Types with a codec; with quantizable=True only those quantcli can write."""
+    return [t for t, c in _REGISTRY.items() if c.can_quantize or not quantizable]
+
+
+def quantizable_names() -> str:
+    return ", ".join(t.name for t in registered_types())
+
+
+def check_finite_rows(x: np.ndarray, what: str = "input") -> None:
+    """NaN/Inf anywhere -> NumericError naming the first bad row (llama-quantize refuses these)."""
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0] if x.ndim == 2 else (0, int(np.argwhere(bad)[0][0]))
+        raise NumericError(
+            f"{what} has a non-finite value ({x[row, col] if x.ndim == 2 else x[col]}) "
+            f"in row {int(row)}, column {int(col)}",
+            hint="fix the source weights; NaN/Inf cannot be quantized",
+        )

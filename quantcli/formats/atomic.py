@@ -1,0 +1,70 @@
+"""Outputs appear whole or not at all: temp file in the output's directory, fsync, os.replace."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from quantcli.errors import OutputError
+
+
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse to write over an input (same inode, even with --force) or an existing file without force."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: directory {out.parent} does not exist")
+    if out.exists():
+        for src in inputs:
+            with contextlib.suppress(OSError):
+                if Path(src).is_file() and os.path.samefile(src, out):
+                    raise OutputError(f"{out}: is the input file; write the output elsewhere")
+        if out.is_dir():
+            raise OutputError(f"{out}: is a directory")
+        if not force:
+            raise OutputError(f"{out}: already exists", hint="pass --force to overwrite it")
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "disk full"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    return exc.strerror or str(exc)
+
+
+@contextlib.contextmanager
+def atomic_write(out: Path) -> Iterator[BinaryIO]:
+    """Yield a file in out's directory; on success fsync and rename it to `out`, on any error
+    or interrupt remove it so nothing appears under the final name."""
+    out = Path(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create a file in {out.parent}: {_describe(exc)}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        _remove(tmp)
+        raise OutputError(f"{out}: write failed: {_describe(exc)}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

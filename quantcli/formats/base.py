@@ -1,0 +1,107 @@
+"""What every reader returns: tensor descriptions and a lazy, memory-mapped way to load them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from quantcli.errors import InputError
+
+
+@dataclass(frozen=True)
+class KV:
+    """One metadata value with its GGUF type (arrays carry the element type too)."""
+
+    type: int  # gguf.GGUFValueType
+    value: Any  # str | int | float | bool | list[str] | np.ndarray | list
+    item_type: int | None = None  # for arrays
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as stored: numpy-order shape (last axis = one row), storage type, where its bytes are."""
+
+    name: str
+    shape: tuple[int, ...]  # numpy order: (..., rows, cols); GGUF's ne is this reversed
+    dtype: str  # GGML type name ("Q4_K", "F32", "BF16") or a safetensors-only dtype ("U8", "BOOL")
+    ggml_type: GGMLQuantizationType | None  # None for dtypes GGML has no type for
+    nbytes: int
+    offset: int  # absolute byte offset in its file
+
+    @property
+    def n_params(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def gguf_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.n_params if self.n_params else 0.0
+
+
+class ModelReader:
+    """Base of the readers. Lists tensors without loading data; loads one tensor at a time."""
+
+    format: str = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.kv: dict[str, KV] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+
+    # -- per format ----------------------------------------------------------------------------
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as a read-only uint8 view (memory-mapped)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- shared --------------------------------------------------------------------------------
+    def __enter__(self) -> "ModelReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError(f"{self.path}: no tensor named '{name}'") from None
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        kv = self.kv.get(key)
+        return default if kv is None else kv.value
+
+    @property
+    def architecture(self) -> str | None:
+        return self.meta("general.architecture")
+
+    def load_f32(self, name: str) -> np.ndarray:
+        """Decode one tensor to float32 in its numpy-order shape."""
+        from quantcli.formats.dtypes import decode_to_f32
+
+        info = self.info(name)
+        return decode_to_f32(self.raw(name), info, self.path)
+
+    def summary(self) -> dict[str, Any]:
+        """Architecture, layer count, context and vocabulary size, where the file says them."""
+        arch = self.architecture
+        tokens = self.meta("tokenizer.ggml.tokens")
+        vocab = len(tokens) if tokens is not None else self.meta(f"{arch}.vocab_size")
+        return {
+            "architecture": arch,
+            "name": self.meta("general.name"),
+            "layers": self.meta(f"{arch}.block_count"),
+            "context_length": self.meta(f"{arch}.context_length"),
+            "embedding_length": self.meta(f"{arch}.embedding_length"),
+            "vocab_size": vocab,
+            "file_type": self.meta("general.file_type"),
+        }

@@ -1,0 +1,138 @@
+"""`quantcli dequantize`: any readable model -> F32 / F16 / BF16 as GGUF or safetensors.
+
+Tensors stream one at a time. For GGUF output the input's metadata is copied (with `general.file_type`
+set as llama.cpp's converter sets it) and provenance keys are added. As llama-quantize does for F16 and
+BF16, one-dimensional tensors (norms, biases) stay F32; integer tensors are copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
+
+from quantcli import codecs
+from quantcli.errors import UsageError
+from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
+from quantcli.formats.atomic import atomic_write, check_output
+from quantcli.pipelines.common import ProgressFn, Progress, progress_or_noop, provenance, source_sha256
+
+OUT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
+FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16,
+              "BF16": LlamaFileType.MOSTLY_BF16}
+INTEGERS = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
+_ST_NAME = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
+
+
+@dataclass(frozen=True)
+class DequantizeOptions:
+    input: Path
+    output: Path
+    out_type: str = "F32"  # F32 | F16 | BF16
+    out_format: str | None = None  # gguf | safetensors; None: from the output's suffix
+    force: bool = False  # overwrite an existing output
+
+
+@dataclass(frozen=True)
+class DequantizeResult:
+    output: Path
+    out_format: str
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def output_format(out: Path, requested: str | None) -> str:
+    if requested:
+        fmt = requested.lower()
+        if fmt not in ("gguf", "safetensors"):
+            raise UsageError(f"unknown output format '{requested}'; use gguf or safetensors")
+        return fmt
+    return "safetensors" if out.suffix == ".safetensors" else "gguf"
+
+
+def target_type(info: TensorInfo, out: Q) -> Q | None:
+    """The type a tensor is written as; None: copied unchanged (integer tensors)."""
+    if info.dtype in INTEGERS:
+        return None
+    if out != Q.F32 and len(info.shape) <= 1:
+        return Q.F32
+    return out
+
+
+def convert(reader: ModelReader, info: TensorInfo, qtype: Q | None) -> np.ndarray:
+    """One tensor's output bytes."""
+    if qtype is None:
+        return np.asarray(reader.raw(info.name))
+    if info.ggml_type == qtype:
+        return np.asarray(reader.raw(info.name))
+    x = reader.load_f32(info.name)
+    return codecs.quantize(x.reshape(-1, x.shape[-1] if x.ndim else 1), qtype)
+
+
+def run(opts: DequantizeOptions, progress: ProgressFn | None = None) -> DequantizeResult:
+    step = progress_or_noop(progress)
+    out_type = opts.out_type.upper()
+    if out_type not in OUT_TYPES:
+        raise UsageError(f"unknown output type '{opts.out_type}'; use F32, F16 or BF16")
+    fmt = output_format(opts.output, opts.out_format)
+    start = time.perf_counter()
+    with open_model(opts.input) as reader:
+        check_output(opts.output, [opts.input], opts.force)
+        plan = [(info, target_type(info, OUT_TYPES[out_type])) for info in reader.tensors.values()]
+        meta = provenance(reader, source_sha256(reader))
+        with atomic_write(opts.output) as fh:
+            if fmt == "gguf":
+                written = _write_gguf(fh, reader, plan, out_type, meta, step)
+            else:
+                written = _write_safetensors(fh, reader, plan, meta, step)
+    return DequantizeResult(opts.output, fmt, len(plan), written, time.perf_counter() - start)
+
+
+def _write_gguf(fh, reader: ModelReader, plan, out_type: str, meta: dict[str, Any], step) -> int:
+    metadata: dict[str, Any] = {}
+    if reader.format == "gguf":
+        metadata.update(reader.kv)
+    metadata["general.file_type"] = int(FILE_TYPES[out_type])
+    metadata.update(meta)
+    tensors = [(info.name, info.shape, qtype if qtype is not None else info.ggml_type)
+               for info, qtype in plan]
+    writer = GGUFWriter(fh, metadata, tensors, alignment=getattr(reader, "alignment", 32))
+    total = sum(info.nbytes for info, _ in plan)
+    done = 0
+    for i, (info, qtype) in enumerate(plan):
+        writer.write_tensor(info.name, convert(reader, info, qtype))
+        done += info.nbytes
+        step(Progress("tensor", i + 1, len(plan), info.name, done, total))
+    writer.finish()
+    return fh.tell()
+
+
+def _write_safetensors(fh, reader: ModelReader, plan, meta: dict[str, Any], step) -> int:
+    header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in meta.items()}}
+    offset = 0
+    for info, qtype in plan:
+        if qtype is None:
+            dtype, nbytes = info.dtype, info.nbytes
+        else:
+            dtype, nbytes = _ST_NAME[qtype], info.n_params * (4 if qtype == Q.F32 else 2)
+        header[info.name] = {"dtype": dtype, "shape": list(info.shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the safetensors library pads the header to 8 bytes
+    fh.write(struct.pack("<Q", len(raw)) + raw)
+    total = sum(info.nbytes for info, _ in plan)
+    done = 0
+    for i, (info, qtype) in enumerate(plan):
+        fh.write(memoryview(np.ascontiguousarray(convert(reader, info, qtype)).reshape(-1).view(np.uint8)))
+        done += info.nbytes
+        step(Progress("tensor", i + 1, len(plan), info.name, done, total))
+    return fh.tell()
