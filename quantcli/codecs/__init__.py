@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from quantcli.codecs import gguf_backed  # noqa: F401  (registers F32, F16, BF16, Q8_0, TQ*, MXFP4)
 from quantcli.codecs.base import (
     FP16_MAX,
     Codec,
@@ -19,14 +18,6 @@ from quantcli.codecs.base import (
     resolve_type,
 )
 from quantcli.errors import NumericError, UsageError
-
-for _module in ("legacy", "kquants", "iquants", "iq4", "iq3", "iq2", "iq1"):  # families written here, registered on import
-    try:
-        __import__(f"quantcli.codecs.{_module}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"quantcli.codecs.{_module}":
-            raise
-gguf_backed.register_readers()
 
 __all__ = ["Codec", "quantize", "dequantize", "get_codec", "registered_types", "resolve_type"]
 

@@ -72,7 +72,27 @@ def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizat
         raise UsageError(f"unknown GGML type id {ggml_type!r}") from None
 
 
+# the codec families, imported on first use so that `import quantcli` stays fast (numba is slow to load)
+FAMILIES = ("gguf_backed", "legacy", "kquants", "iq4", "iq3", "iq2", "iq1")
+_loaded = False
+
+
+def _load_families() -> None:
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+
+    for module in FAMILIES:
+        importlib.import_module(f"quantcli.codecs.{module}")
+    from quantcli.codecs.gguf_backed import register_readers
+
+    register_readers()
+    _loaded = True
+
+
 def get_codec(ggml_type: "str | int | GGMLQuantizationType") -> type[Codec]:
+    _load_families()
     qtype = resolve_type(ggml_type)
     try:
         return _REGISTRY[qtype]
@@ -82,6 +102,7 @@ def get_codec(ggml_type: "str | int | GGMLQuantizationType") -> type[Codec]:
 
 def registered_types(quantizable: bool = True) -> list[GGMLQuantizationType]:
     """Types with a codec; with quantizable=True only those quantcli can write."""
+    _load_families()
     return [t for t, c in _REGISTRY.items() if c.can_quantize or not quantizable]
 
 

@@ -1,0 +1,90 @@
+"""`quantcli quantize IN OUT --type PRESET`: llama-quantize's flags, plus profiles and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from quantcli.cli.app import app
+from quantcli.cli.common import boundary, err, out, progress_bar
+from quantcli.errors import UsageError
+from quantcli.pipelines import quantize as pipeline
+
+
+def _tensor_type(spec: str) -> tuple[str, str]:
+    pattern, sep, type_name = spec.rpartition("=")
+    if not sep or not pattern or not type_name:
+        raise UsageError(f"--tensor-type '{spec}' is not REGEX=TYPE", hint="e.g. --tensor-type attn_v=Q8_0")
+    return pattern, type_name
+
+
+def render_plan(result: pipeline.QuantizeResult) -> None:
+    t = Table(title="plan", pad_edge=False)
+    for col, just in (("tensor", "left"), ("from", "left"), ("type", "left"), ("MB", "right"),
+                      ("reason", "left")):
+        t.add_column(col, justify=just)
+    for p in result.plan:
+        t.add_row(p.info.name, p.info.dtype, p.type, f"{p.nbytes / 1e6:.2f}", escape(p.reason))
+    out.print(t)
+    out.print(f"total: {len(result.plan)} tensors, {result.params:,} params, "
+              f"{result.bytes / 1e6:.2f} MB, {result.bpw:.3f} bpw, file type {result.file_type}"
+              + (f", {result.fallbacks} fallback(s)" if result.fallbacks else ""))
+
+
+@app.command()
+@boundary
+def quantize(
+    input: Path = typer.Argument(..., help="F32/F16/BF16 GGUF, safetensors file or Hugging Face directory."),
+    output: Path = typer.Argument(..., help="Output GGUF file."),
+    preset: Optional[str] = typer.Option(None, "--type", "-t", help="llama.cpp preset (Q4_K_M, IQ4_XS, Q8_0, ...)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="YAML layer profile (see profiles/README.md)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp GGUF or legacy .dat)."),
+    include_weights: List[str] = typer.Option([], "--include-weights", help="Use the imatrix only for these tensors (repeatable)."),
+    exclude_weights: List[str] = typer.Option([], "--exclude-weights", help="Do not use the imatrix for these tensors (repeatable)."),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type", help="Type for output.weight."),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type", help="Type for token_embd.weight."),
+    tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override (repeatable; first match wins)."),
+    pure: bool = typer.Option(False, "--pure", help="Every quantizable tensor gets the preset's default type."),
+    leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight unquantized."),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Accept an already quantized input."),
+    override_kv: List[str] = typer.Option([], "--override-kv", help="KEY=TYPE:VALUE metadata override (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, reason, bytes); write nothing."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where layer checkpoints go (default: OUT.checkpoints)."),
+    keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
+    threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (schema quantcli.quantize/1)."),
+) -> None:
+    """Quantize a model to GGUF with llama.cpp's presets, byte for byte, or a YAML layer profile."""
+    if threads < 0:
+        raise UsageError(f"--threads must be 0 or more, got {threads}")
+    opts = pipeline.QuantizeOptions(
+        input=input, output=output, preset=preset, profile=profile, imatrix=imatrix,
+        include_weights=tuple(include_weights), exclude_weights=tuple(exclude_weights),
+        output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type,
+        tensor_types=tuple(_tensor_type(s) for s in tensor_type), pure=pure,
+        leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
+        override_kv=tuple(override_kv), dry_run=dry_run, checkpoint_dir=checkpoint_dir,
+        keep_checkpoints=keep_checkpoints, threads=threads, force=force,
+    )
+
+    def warn(msg: str) -> None:
+        if not quiet and not as_json:
+            err.print(f"[yellow]warning:[/] {escape(msg)}")
+
+    with progress_bar(quiet or as_json or dry_run, "quantize") as progress:
+        result = pipeline.run(opts, progress, warn)
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=1))
+    elif dry_run:
+        render_plan(result)
+    elif not quiet:
+        resumed = f", resumed {result.resumed_units} layer unit(s) from checkpoints" if result.resumed_units else ""
+        err.print(f"wrote {result.output}: {result.bytes / 1e6:.1f} MB of tensors, {result.bpw:.3f} bpw, "
+                  f"{result.seconds:.1f} s{resumed}")

@@ -1,0 +1,383 @@
+"""`quantcli quantize`: a plan (preset rules, profile rules, overrides) executed tensor by tensor,
+layer by layer, with a checkpoint after every layer and an atomic output.
+
+Order of work: open the input (GGUF, safetensors, or a Hugging Face directory seen as GGUF) -> load
+and filter the imatrix -> plan every tensor's type with a reason -> (dry run: stop) -> quantize each
+unit (a layer's run of tensors) into a checkpoint file -> write the GGUF from the checkpoints ->
+publish atomically -> remove the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+import quantcli
+from quantcli import checkpoint, codecs, presets
+from quantcli.calibrate import imatrix_file
+from quantcli.errors import InputError, QuantcliError, UsageError
+from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
+from quantcli.formats.atomic import atomic_write, check_output
+from quantcli.formats.base import KV
+from quantcli.pipelines.common import Progress, ProgressFn, progress_or_noop, source_sha256
+from quantcli.pipelines.report import layer_of
+
+QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    input: Path
+    output: Path
+    preset: str | None = None  # a llama.cpp preset name (Q4_K_M, IQ4_XS, ...) or a type name
+    profile: Path | None = None  # a YAML layer profile (its base replaces --type)
+    imatrix: Path | None = None
+    include_weights: tuple[str, ...] = ()  # imatrix entries to use (substring match)
+    exclude_weights: tuple[str, ...] = ()  # imatrix entries to ignore (substring match)
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (regex, type); first match wins
+    pure: bool = False  # every quantizable tensor gets the default type
+    leave_output_tensor: bool = False
+    allow_requantize: bool = False
+    override_kv: tuple[str, ...] = ()  # KEY=TYPE:VALUE
+    dry_run: bool = False
+    checkpoint_dir: Path | None = None  # default: OUTPUT.checkpoints beside the output
+    keep_checkpoints: bool = False
+    threads: int = 0  # 0: all cores
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    info: TensorInfo
+    type: str  # the output type name
+    reason: str
+    nbytes: int
+    fallback: bool = False
+
+    @property
+    def copy(self) -> bool:
+        return self.type == self.info.dtype
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    output: Path | None  # None for a dry run
+    plan: list[PlannedTensor]
+    params: int
+    bytes: int  # tensor data bytes
+    bpw: float
+    file_type: int
+    fallbacks: int
+    resumed_units: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": "quantcli.quantize/1",
+            "output": str(self.output) if self.output else None,
+            "dry_run": self.output is None,
+            "tensors": [{"name": p.info.name, "shape": list(p.info.shape), "from": p.info.dtype,
+                         "type": p.type, "bytes": p.nbytes, "reason": p.reason} for p in self.plan],
+            "params": self.params, "bytes": self.bytes, "bpw": round(self.bpw, 4),
+            "file_type": self.file_type, "fallbacks": self.fallbacks,
+            "resumed_units": self.resumed_units, "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
+        }
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(info: TensorInfo, type_name: str) -> int:
+    if type_name == info.dtype:
+        return info.nbytes
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    cols = info.shape[-1] if info.shape else 1
+    return info.n_params // cols * (cols // block) * size
+
+
+def make_plan(reader: ModelReader, opts: QuantizeOptions, imatrix: imatrix_file.Imatrix | None,
+              warn: Callable[[str], None]) -> tuple[presets.Preset, list[PlannedTensor], str, int]:
+    """Every tensor's output type and why; the profile (if any) overrides the preset's choice."""
+    profile = None
+    preset_name = opts.preset
+    if opts.profile is not None:
+        from quantcli import profiles
+
+        profile = profiles.load(opts.profile)
+        preset_name = preset_name or profile.base
+    if not preset_name:
+        raise UsageError("no quantization type given", hint="pass --type PRESET (e.g. Q4_K_M) or --profile FILE")
+    preset = presets.get_preset(preset_name)
+    options = presets.PresetOptions(
+        pure=opts.pure, leave_output_tensor=opts.leave_output_tensor,
+        output_tensor_type=opts.output_tensor_type, token_embedding_type=opts.token_embedding_type,
+        tensor_types=tuple(opts.tensor_types), has_imatrix=bool(imatrix and imatrix.entries),
+        imatrix_names=frozenset(imatrix.entries) if imatrix else None, dry_run=opts.dry_run,
+    )
+    infos = list(reader.tensors.values())
+    choices = presets.plan(infos, reader.meta, preset.name, options)
+    if profile is not None:
+        choices = profile.apply(infos, choices, reader.meta)
+    requant = presets.requantized(infos, choices)
+    if requant and not opts.allow_requantize:
+        first = reader.tensors[requant[0].name]
+        raise UsageError(f"{opts.input}: requantizing from type {first.dtype} is disabled "
+                         f"({len(requant)} tensor(s), e.g. {first.name}); requantizing loses quality",
+                         hint="pass --allow-requantize to do it anyway, or start from an F32/F16/BF16 model")
+    if opts.dry_run:
+        for c in choices:
+            if c.requires_imatrix and not (imatrix and imatrix.entries):
+                warn(f"{c.name} ({c.type}) will require an importance matrix (--imatrix)")
+                break
+    planned = [PlannedTensor(info, c.type, c.reason, _tensor_bytes(info, c.type), c.fallback)
+               for info, c in zip(infos, choices)]
+    fallbacks = presets.fallback_count(choices)
+    if fallbacks:
+        warn(f"{fallbacks} of {len(planned)} tensor(s) required fallback quantization (rows not "
+             "divisible by the type's block size)")
+    plan_doc = json.dumps([(p.info.name, p.info.dtype, list(p.info.shape), p.type) for p in planned])
+    plan_hash = hashlib.sha256(plan_doc.encode()).hexdigest()
+    return preset, planned, plan_hash, presets.file_type(preset, infos, reader.meta)
+
+
+# -- metadata --------------------------------------------------------------------------------------
+
+
+def parse_override_kv(spec: str) -> tuple[str, KV]:
+    """llama.cpp's KEY=TYPE:VALUE with TYPE int, float, bool or str."""
+    key, sep, rest = spec.partition("=")
+    kind, sep2, value = rest.partition(":")
+    if not sep or not sep2 or not key:
+        raise UsageError(f"--override-kv '{spec}' is not KEY=TYPE:VALUE", hint="e.g. general.name=str:my-model")
+    try:
+        if kind == "int":
+            return key, KV(GGUFValueType.INT64, int(value))
+        if kind == "float":
+            return key, KV(GGUFValueType.FLOAT64, float(value))
+        if kind == "bool":
+            if value not in ("true", "false"):
+                raise ValueError(value)
+            return key, KV(GGUFValueType.BOOL, value == "true")
+        if kind == "str":
+            return key, KV(GGUFValueType.STRING, value)
+    except ValueError:
+        raise UsageError(f"--override-kv '{spec}': '{value}' is not a valid {kind}") from None
+    raise UsageError(f"--override-kv '{spec}': unknown type '{kind}'", hint="use int, float, bool or str")
+
+
+def _run_date(store: checkpoint.CheckpointStore | None) -> str:
+    """The run's timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), reused on resume."""
+    if store is not None and "date" in store.extra:
+        return store.extra["date"]
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def output_metadata(reader: ModelReader, opts: QuantizeOptions, preset: presets.Preset, ftype: int,
+                    imatrix: imatrix_file.Imatrix | None, source_hash: str, plan_hash: str,
+                    date: str) -> dict[str, Any]:
+    meta: dict[str, Any] = dict(reader.kv)
+    meta["general.quantization_version"] = KV(GGUFValueType.UINT32, QUANTIZATION_VERSION)
+    meta["general.file_type"] = KV(GGUFValueType.UINT32, int(ftype))
+    if imatrix is not None and opts.imatrix is not None:
+        meta["quantize.imatrix.file"] = KV(GGUFValueType.STRING, str(opts.imatrix)[:127])
+        if imatrix.datasets:
+            meta["quantize.imatrix.dataset"] = KV(GGUFValueType.STRING, imatrix.datasets[0][:127])
+        meta["quantize.imatrix.entries_count"] = KV(GGUFValueType.INT32, len(imatrix.entries))
+        meta["quantize.imatrix.chunks_count"] = KV(GGUFValueType.INT32, int(imatrix.chunk_count))
+    for spec in opts.override_kv:
+        key, kv = parse_override_kv(spec)
+        meta[key] = kv
+    meta.update({
+        "quantcli.version": KV(GGUFValueType.STRING, quantcli.__version__),
+        "quantcli.source.file": KV(GGUFValueType.STRING, reader.path.name),
+        "quantcli.source.sha256": KV(GGUFValueType.STRING, source_hash),
+        "quantcli.preset": KV(GGUFValueType.STRING, preset.name),
+        "quantcli.plan.sha256": KV(GGUFValueType.STRING, plan_hash),
+        "quantcli.date": KV(GGUFValueType.STRING, date),
+    })
+    if opts.profile is not None:
+        meta["quantcli.profile"] = KV(GGUFValueType.STRING, Path(opts.profile).name)
+        meta["quantcli.profile.sha256"] = KV(GGUFValueType.STRING,
+                                             hashlib.sha256(Path(opts.profile).read_bytes()).hexdigest())
+    return meta
+
+
+# -- execution -------------------------------------------------------------------------------------
+
+
+def units_of(plan: list[PlannedTensor]) -> list[tuple[str, list[PlannedTensor]]]:
+    """Contiguous runs of tensors in file order that belong to the same layer (or to none)."""
+    units: list[tuple[str, list[PlannedTensor]]] = []
+    last: object = object()
+    for p in plan:
+        layer = layer_of(p.info.name)
+        if layer != last or not units:
+            label = f"{len(units):04d}-" + (f"blk{layer}" if layer is not None else "misc")
+            units.append((label, []))
+            last = layer
+        units[-1][1].append(p)
+    return units
+
+
+def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
+                    pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
+    """One tensor's output bytes; rows are split across threads (identical bytes for any count)."""
+    if p.copy:
+        return np.asarray(reader.raw(p.info.name))
+    x = reader.load_f32(p.info.name)
+    cols = x.shape[-1] if x.ndim else 1
+    rows = x.reshape(-1, cols)
+    n_mat = rows.shape[0] // (x.shape[-2] if x.ndim >= 2 else 1)  # experts in a 3-D tensor
+    per_row_imp = None
+    if importance is not None:
+        if importance.size == cols * n_mat:
+            per_row_imp = importance.reshape(n_mat, cols)
+        else:
+            raise InputError(f"imatrix entry for '{p.info.name}' has {importance.size} values, "
+                             f"expected {cols * n_mat}")
+    rows_per_mat = rows.shape[0] // n_mat
+    parts = []
+    try:
+        for m in range(n_mat):
+            mat = rows[m * rows_per_mat:(m + 1) * rows_per_mat]
+            imp = per_row_imp[m] if per_row_imp is not None else None
+            parts.append(_quantize_rows(mat, p.type, imp, pool, n_threads))
+    except QuantcliError as exc:
+        raise type(exc)(f"tensor '{p.info.name}': {exc.message}", exc.hint) from None
+    return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _quantize_rows(x: np.ndarray, type_name: str, imp: np.ndarray | None,
+                   pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
+    if pool is None or x.shape[0] < 2 * n_threads:
+        return codecs.quantize(x, type_name, imp)
+    bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
+    chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return np.concatenate(list(pool.map(lambda c: codecs.quantize(c, type_name, imp), chunks)))
+
+
+def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
+        warn: Callable[[str], None] | None = None) -> QuantizeResult:
+    step = progress_or_noop(progress)
+    warnings: list[str] = []
+
+    def warn_(msg: str) -> None:
+        warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    start = time.perf_counter()
+    with open_source(opts.input, warn_) as reader:
+        if not opts.dry_run:
+            check_output(opts.output, [opts.input], opts.force)
+        imatrix = None
+        if opts.imatrix is not None:
+            imatrix = imatrix_file.load(opts.imatrix).filtered(list(opts.include_weights),
+                                                               list(opts.exclude_weights))
+        preset, plan, plan_hash, ftype = make_plan(reader, opts, imatrix, warn_)
+        params = sum(p.info.n_params for p in plan)
+        nbytes = sum(p.nbytes for p in plan)
+        summary = dict(plan=plan, params=params, bytes=nbytes, bpw=8.0 * nbytes / max(params, 1),
+                       file_type=ftype, fallbacks=sum(p.fallback for p in plan))
+        if opts.dry_run:
+            return QuantizeResult(output=None, seconds=time.perf_counter() - start,
+                                  warnings=warnings, **summary)
+        resumed = _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn_)
+    return QuantizeResult(output=opts.output, resumed_units=resumed,
+                          seconds=time.perf_counter() - start, warnings=warnings, **summary)
+
+
+def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
+    """The input as a GGUF-shaped model: Hugging Face directories through the converter view."""
+    reader = open_model(path)
+    if reader.format != "safetensors":
+        return reader
+    if getattr(reader, "config", None):
+        from quantcli.convert import hf_to_gguf_view
+
+        return hf_to_gguf_view(reader)
+    warn(f"{path}: no config.json: tensors keep their own names and llama.cpp will not be able to "
+         "run the output")
+    return reader
+
+
+def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) -> int:
+    ckpt_dir = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
+    source_hash = source_sha256(reader)
+    key = {"input_sha256": source_hash, "plan_sha256": plan_hash, "quantcli": quantcli.__version__,
+           "gguf": _gguf_version(), "imatrix_sha256": _file_hash(opts.imatrix),
+           "override_kv": list(opts.override_kv), "profile_sha256": _file_hash(opts.profile)}
+    checkpoint.ensure_dir(ckpt_dir)
+    store = checkpoint.CheckpointStore(ckpt_dir, key, warn)
+    date = _run_date(store)
+    if store.extra.get("date") != date:
+        store.set_extra(date=date)
+    meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash, plan_hash, date)
+
+    n_threads = opts.threads or os.cpu_count() or 1
+    units = units_of(plan)
+    total_in = sum(p.info.nbytes for p in plan)
+    done_in, done_n, resumed = 0, 0, 0
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
+        for label, tensors in units:
+            if store.get(label) is not None:
+                resumed += 1
+            else:
+                with store.put(label) as fh:
+                    for p in tensors:
+                        imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
+                        fh.write(np.ascontiguousarray(quantize_tensor(reader, p, imp, pool, n_threads)))
+                        done_in += p.info.nbytes
+                        done_n += 1
+                        step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))
+                continue
+            done_in += sum(p.info.nbytes for p in tensors)
+            done_n += len(tensors)
+            step(Progress("tensor", done_n, len(plan), tensors[-1].info.name, done_in, total_in))
+
+    tensors = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
+    with atomic_write(opts.output) as out:
+        writer = GGUFWriter(out, meta, tensors, alignment=getattr(reader, "alignment", 32))
+        for label, group in units:
+            path = store.get(label)
+            if path is None:
+                raise InputError(f"checkpoint {store.path(label)} changed during the run")
+            with open(path, "rb") as fh:
+                for p in group:
+                    writer.write_tensor(p.info.name, np.frombuffer(fh.read(p.nbytes), dtype=np.uint8))
+        writer.finish()
+    if not opts.keep_checkpoints:
+        store.remove()
+    return resumed
+
+
+def _file_hash(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from quantcli.pipelines.common import file_sha256
+
+    return file_sha256(Path(path))
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")

@@ -1,0 +1,68 @@
+"""IQ4_NL, IQ4_XS, IQ3_XXS, IQ3_S against the live ggml (tests/ggml_oracle.py) on fresh inputs.
+
+Skips when libggml-base is not found (set QUANTCLI_GGML_LIB to a llama.cpp build's bin/ folder).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcli import codecs
+from tests import ggml_oracle
+
+TYPES = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
+KINDS = ["gauss", "heavy", "outliers", "zero", "tiny", "ties"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def oracle():
+    if ggml_oracle.load() is None:
+        pytest.skip("libggml-base not found; set QUANTCLI_GGML_LIB to compare with ggml")
+
+
+def make_rows(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols) float32 of one distribution; every kind has some structure ggml branches on."""
+    if kind == "gauss":
+        x = rng.standard_normal((rows, cols)) * 10.0 ** rng.uniform(-3, 1)
+    elif kind == "heavy":  # Student t with 2 degrees of freedom
+        x = rng.standard_t(2, (rows, cols))
+    elif kind == "outliers":  # a few values 500x the rest, as in real attention weights
+        x = rng.standard_normal((rows, cols)) * 0.02
+        x[rng.random((rows, cols)) < 0.01] *= 500
+    elif kind == "zero":  # whole zero rows, zero blocks and zero halves inside a row
+        x = rng.standard_normal((rows, cols))
+        x[0] = 0
+        x[1, : cols // 2] = 0
+        x[2, rng.random(cols) < 0.9] = 0
+    elif kind == "tiny":  # down to float32 subnormals, below every GROUP_MAX_EPS
+        x = rng.standard_normal((rows, cols)) * 10.0 ** rng.integers(-44, -6, (rows, 1))
+    else:  # small integers: exact ties in every rounding
+        x = rng.integers(-8, 9, (rows, cols)).astype(np.float64)
+    return x.astype(np.float32)
+
+
+def block_mismatches(qtype: str, x: np.ndarray, importance: np.ndarray | None) -> str:
+    ref = ggml_oracle.quantize(x, codecs.resolve_type(qtype), importance)
+    out = codecs.quantize(x, qtype, importance)
+    size = codecs.get_codec(qtype).type_size
+    differ = (out.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
+    return "" if not differ.any() else f"{differ.sum()} of {differ.size} blocks differ"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("qtype", TYPES)
+def test_matches_ggml(qtype, kind):
+    rng = np.random.default_rng([TYPES.index(qtype), KINDS.index(kind), 20250])
+    block = 32 if qtype == "IQ4_NL" else 256
+    for cols in sorted({block, 4096, block * int(rng.integers(2, 4096 // block + 1))}):
+        x = make_rows(rng, kind, 4, cols)
+        importance = [
+            None,
+            rng.random(cols).astype(np.float32),
+            (rng.standard_normal(cols) ** 2 * 1e3).astype(np.float32) * (rng.random(cols) < 0.7),
+        ]
+        for imp in importance:
+            problem = block_mismatches(qtype, x, imp)
+            where = f"{qtype} {kind} cols={cols} importance={imp is not None}"
+            assert not problem, f"{where}: {problem}"

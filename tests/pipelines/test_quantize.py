@@ -1,0 +1,203 @@
+"""`quantize` end to end on small synthetic models: plan, bytes, metadata, threads, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from quantcli import codecs
+from quantcli.errors import InputError, OutputError, UsageError
+from quantcli.formats import GGUFWriter, open_model
+from quantcli.pipelines import quantize as qp
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_ff: int = 512, vocab: int = 512,
+                seed: int = 0, dtype: Q = Q.F32) -> Path:
+    """A llama-architecture GGUF with random weights (F32 or F16), 256-divisible rows."""
+    rng = np.random.default_rng(seed)
+    meta = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": n_layer,
+            "llama.context_length": 256, "llama.embedding_length": n_embd,
+            "llama.feed_forward_length": n_ff, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 4, "llama.rope.dimension_count": n_embd // 4,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "general.file_type": 0}
+    tensors: list[tuple[str, np.ndarray]] = [("token_embd.weight", rng.standard_normal((vocab, n_embd)))]
+    for i in range(n_layer):
+        tensors += [
+            (f"blk.{i}.attn_norm.weight", np.ones(n_embd)),
+            (f"blk.{i}.attn_q.weight", rng.standard_normal((n_embd, n_embd))),
+            (f"blk.{i}.attn_k.weight", rng.standard_normal((n_embd, n_embd))),
+            (f"blk.{i}.attn_v.weight", rng.standard_normal((n_embd, n_embd))),
+            (f"blk.{i}.attn_output.weight", rng.standard_normal((n_embd, n_embd))),
+            (f"blk.{i}.ffn_norm.weight", np.ones(n_embd)),
+            (f"blk.{i}.ffn_gate.weight", rng.standard_normal((n_ff, n_embd))),
+            (f"blk.{i}.ffn_up.weight", rng.standard_normal((n_ff, n_embd))),
+            (f"blk.{i}.ffn_down.weight", rng.standard_normal((n_embd, n_ff))),
+        ]
+    tensors += [("output_norm.weight", np.ones(n_embd)), ("output.weight", rng.standard_normal((vocab, n_embd)))]
+    arrays = [(n, (a * 0.02).astype(np.float32 if dtype == Q.F32 or a.ndim == 1 else np.float16))
+              for n, a in tensors]
+    with open(path, "wb") as fh:
+        w = GGUFWriter(fh, meta, [(n, a.shape, Q.F32 if a.dtype == np.float32 else Q.F16) for n, a in arrays])
+        for n, a in arrays:
+            w.write_tensor(n, a)
+        w.finish()
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return write_llama(tmp_path / "tiny-f32.gguf")
+
+
+def test_dry_run_plan_writes_nothing(tiny, tmp_path):
+    out = tmp_path / "q.gguf"
+    res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M", dry_run=True))
+    assert res.output is None and not out.exists()
+    types = {p.info.name: p.type for p in res.plan}
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == "Q4_K"
+    assert all(p.reason for p in res.plan)
+    assert res.bytes == sum(p.nbytes for p in res.plan)
+    assert res.file_type == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+def test_quantize_bytes_equal_codec_bytes(tiny, tmp_path):
+    out = tmp_path / "q.gguf"
+    res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M", threads=1))
+    assert res.output == out and not (tmp_path / "q.gguf.checkpoints").exists()
+    with open_model(tiny) as src, open_model(out) as m:
+        assert list(m.tensors) == list(src.tensors)
+        for p in res.plan:
+            raw = np.asarray(m.raw(p.info.name))
+            if p.type == p.info.dtype:
+                assert np.array_equal(raw, src.raw(p.info.name))
+            else:
+                x = src.load_f32(p.info.name)
+                assert np.array_equal(raw, codecs.quantize(x, p.type).reshape(-1)), p.info.name
+        assert m.meta("general.file_type") == 15 and m.meta("general.quantization_version") == 2
+        assert m.meta("quantcli.preset") == "Q4_K_M"
+        assert m.meta("llama.block_count") == 4
+
+
+def test_threads_do_not_change_bytes(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    qp.run(qp.QuantizeOptions(tiny, a, "Q6_K", threads=1))
+    qp.run(qp.QuantizeOptions(tiny, b, "Q6_K", threads=3))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_requantize_needs_flag(tiny, tmp_path):
+    q = tmp_path / "q.gguf"
+    qp.run(qp.QuantizeOptions(tiny, q, "Q8_0"))
+    with pytest.raises(UsageError, match="requantizing from type Q8_0 is disabled"):
+        qp.run(qp.QuantizeOptions(q, tmp_path / "r.gguf", "Q4_0"))
+    qp.run(qp.QuantizeOptions(q, tmp_path / "r.gguf", "Q4_0", allow_requantize=True))
+
+
+def test_override_kv_and_tensor_type(tiny, tmp_path):
+    out = tmp_path / "q.gguf"
+    qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M", tensor_types=(("attn_v", "Q8_0"),),
+                              override_kv=("general.name=str:renamed", "llama.context_length=int:512")))
+    with open_model(out) as m:
+        assert m.tensors["blk.0.attn_v.weight"].dtype == "Q8_0"
+        assert m.meta("general.name") == "renamed" and m.meta("llama.context_length") == 512
+    with pytest.raises(UsageError, match="KEY=TYPE:VALUE"):
+        qp.run(qp.QuantizeOptions(tiny, tmp_path / "x.gguf", "Q4_K_M", override_kv=("nonsense",)))
+
+
+def test_nan_weights_are_refused_without_output(tmp_path):
+    src = write_llama(tmp_path / "nan.gguf", n_layer=1)
+    data = bytearray(src.read_bytes())
+    with open_model(src) as m:
+        off = m.tensors["blk.0.attn_q.weight"].offset
+    data[off:off + 4] = np.array([np.nan], np.float32).tobytes()
+    src.write_bytes(bytes(data))
+    out = tmp_path / "q.gguf"
+    with pytest.raises(Exception, match="blk.0.attn_q.weight.*non-finite"):
+        qp.run(qp.QuantizeOptions(src, out, "Q4_K_M"))
+    assert not out.exists()
+
+
+def test_output_exists_and_same_as_input(tiny, tmp_path):
+    with pytest.raises(OutputError, match="is the input"):
+        qp.run(qp.QuantizeOptions(tiny, tiny, "Q8_0", force=True))
+    with pytest.raises(InputError):
+        qp.run(qp.QuantizeOptions(tmp_path / "missing.gguf", tmp_path / "o.gguf", "Q8_0"))
+
+
+def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    ref = tmp_path / "ref.gguf"
+    qp.run(qp.QuantizeOptions(tiny, ref, "Q4_K_M"))
+    out = tmp_path / "o.gguf"
+    calls = {"n": 0}
+    real = qp.quantize_tensor
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qp, "quantize_tensor", dying)
+    with pytest.raises(KeyboardInterrupt):
+        qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
+    assert not out.exists() and (tmp_path / "o.gguf.checkpoints" / "manifest.json").exists()
+    monkeypatch.setattr(qp, "quantize_tensor", real)
+    res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
+    assert res.resumed_units >= 1
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_checkpoint_from_other_plan_is_not_used(tiny, tmp_path):
+    out = tmp_path / "o.gguf"
+    ck = tmp_path / "ck"
+    qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M", checkpoint_dir=ck, keep_checkpoints=True))
+    warnings: list[str] = []
+    res = qp.run(qp.QuantizeOptions(tiny, out, "Q6_K", checkpoint_dir=ck, force=True), warn=warnings.append)
+    assert res.resumed_units == 0 and any("different" in w for w in warnings)
+
+
+def _cli(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "quantcli", "quantize", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
+    """SIGKILL a real run at 20 random moments; after each the output is absent or complete, and
+    the final, resumed file equals an uninterrupted run byte for byte."""
+    src = write_llama(tmp_path / "src.gguf", n_layer=8, n_embd=256, n_ff=768)
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    ref = tmp_path / "ref.gguf"
+    t0 = time.perf_counter()
+    p = _cli(str(src), str(ref), "--type", "Q4_K_M", "-q", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    full = time.perf_counter() - t0
+    expected = ref.read_bytes()
+    out = tmp_path / "out.gguf"
+    rng = random.Random(1234)
+    for _ in range(20):
+        p = _cli(str(src), str(out), "--type", "Q4_K_M", "-q", "--force", env=env)
+        time.sleep(rng.uniform(0.0, full))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        assert not out.exists() or out.read_bytes() == expected
+        if out.exists():
+            out.unlink()
+    p = _cli(str(src), str(out), "--type", "Q4_K_M", "-q", env=env)
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert out.read_bytes() == expected
+    assert not (tmp_path / "out.gguf.checkpoints").exists()
