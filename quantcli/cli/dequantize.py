@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from quantcli.cli.app import app
 from quantcli.cli.common import boundary, err, progress_bar
@@ -24,7 +25,7 @@ def dequantize(
     """Decode every tensor to F32 (or F16/BF16) and write GGUF or safetensors."""
     opts = pipeline.DequantizeOptions(input, output, out_type, out_format, force)
     with progress_bar(quiet, "dequantize") as progress:
-        result = pipeline.run(opts, progress)
+        result = pipeline.run(opts, progress, lambda msg: err.print(f"[yellow]warning:[/] {escape(msg)}"))
     if not quiet:
         err.print(f"wrote {result.output} ({result.out_format}, {result.tensors} tensors, "
                   f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s")

@@ -51,7 +51,11 @@ def quantize(
             f"row length is {cols}",
             hint="pick a type with a smaller block (e.g. Q8_0, Q5_0, IQ4_NL) for this tensor",
         )
-    check_finite_rows(x)
+    if rows == 0 or cols == 0:
+        return np.zeros((rows, codec.row_bytes(cols)), dtype=np.uint8)
+    amax = np.abs(x).max(axis=1)  # one pass: NaN/Inf propagate into the row maximum
+    if not np.isfinite(amax).all():
+        check_finite_rows(x)
     if importance is not None:
         importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
         if importance.shape[0] != cols:
@@ -64,16 +68,13 @@ def quantize(
             f"{name} cannot be quantized without importance weights (ggml refuses it)",
             hint="pass an importance matrix with --imatrix (make one with `quantcli imatrix`)",
         )
-    if rows == 0:
-        return np.zeros((0, codec.row_bytes(cols)), dtype=np.uint8)
     out = codec.quantize_rows(x, importance)
-    _check_no_overflow(codec, x, out)
+    _check_no_overflow(codec, x, amax, out)
     return out
 
 
-def _check_no_overflow(codec: type[Codec], x: np.ndarray, out: np.ndarray) -> None:
+def _check_no_overflow(codec: type[Codec], x: np.ndarray, amax: np.ndarray, out: np.ndarray) -> None:
     """A block whose fp16 scale overflowed decodes to Inf/NaN: refuse it rather than write it."""
-    amax = np.abs(x).max(axis=1)
     suspect = np.nonzero(amax > 1e4)[0]  # below this no type's fp16 scale can overflow
     if suspect.size == 0:
         return

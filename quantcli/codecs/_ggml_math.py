@@ -7,6 +7,10 @@ float literal would promote an expression to float64), and sums accumulated in g
 
 Arrays are passed whole with an offset (`x, xo`) rather than sliced: a slice costs an array
 view per call inside the hot loops.
+
+Caching caveat: numba's on-disk cache (`cache=True`) keys a function on its own file only. A
+kernel in kquants.py that calls a helper here keeps the old machine code after the helper is
+edited: delete quantcli/codecs/__pycache__/*.nbi and *.nbc after changing this file or _lanes.py.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ _SCALE_TO_INF = np.float32(2.0**112)  # ggml_compute_fp32_to_fp16
 _SCALE_TO_ZERO = np.float32(2.0**-110)
 
 JIT = dict(cache=True, error_model="numpy", nogil=True)  # fastmath stays off: bytes must match
-JIT_INLINE = dict(JIT, inline="always")  # small helpers: inlined in numba IR before LLVM sees them
 
 
 @intrinsic
@@ -282,7 +285,7 @@ def make_q3_quants(x, xo, L, lo):
 @njit(**JIT)
 def make_qp_quants(n, nmax, x, L, qw):
     """as make_qp_quants: positive levels for the sub-block scales/mins of a super-block.
-    L is uint8 as in C: a negative level wraps (kept bit-exact, though it needs a negative scale)."""
+    L holds uint8 values as in C: a negative level wraps (needs a negative scale; kept exact)."""
     fmax = F0
     for i in range(n):
         fmax = fmax if fmax > x[i] else x[i]  # MAX(max, x[i])

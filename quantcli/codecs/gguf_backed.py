@@ -18,11 +18,13 @@ class GgufBacked(Codec):
 
     @classmethod
     def quantize_rows(cls, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        return np.ascontiguousarray(gq.quantize(x, cls.ggml_type)).view(np.uint8)
+        with np.errstate(all="ignore"):  # overflowing scales are caught by the caller, loudly
+            return np.ascontiguousarray(gq.quantize(x, cls.ggml_type)).view(np.uint8)
 
     @classmethod
     def dequantize_rows(cls, data: np.ndarray, cols: int) -> np.ndarray:
-        return gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
+        with np.errstate(all="ignore"):
+            return gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
 
 
 class DequantizeOnly(GgufBacked):

@@ -572,7 +572,7 @@ class _KQuant(GgufBacked):
         out = np.zeros((rows * (cols // QK_K), cls.type_size), dtype=np.uint8)
         qw = _NO_WEIGHTS if importance is None else importance
         cls._kernel(x.reshape(-1), qw, out, cols // QK_K, importance is not None)
-        return out.reshape(rows, -1)
+        return out.reshape(rows, cls.row_bytes(cols))
 
 
 class Q2_K(_KQuant, ggml_type=Q.Q2_K):

@@ -92,11 +92,11 @@ def _legacy_ref(xf, out, nmax, asymmetric):
         put_fp16(out, b, 0, d)
         for j in range(QK):  # x - 0.0f == x bit for bit, so the _0 types share the expression
             L[j] = min(hi, _to_int8((xf[o + j] - fmin) * idv + bias)) & 0xFF
+        pos = 4 if asymmetric else 2
         if nmax > 15:
-            _pack_qh(L, out, b, 4 if asymmetric else 2)
-            _pack_nibbles(L, out, b, 8 if asymmetric else 6)
+            _pack_qh(L, out, b, pos)
+            _pack_nibbles(L, out, b, pos + 4)
         else:  # qs[j] = xi0 | xi1 << 4, unmasked as in C
-            pos = 4 if asymmetric else 2
             for j in range(16):
                 out[b, pos + j] = (L[j] | (L[j + 16] << 4)) & 0xFF
 
@@ -162,7 +162,7 @@ class _Legacy(GgufBacked):
             _legacy_ref(x.reshape(-1), out, cls.nmax, cls.asymmetric)
         else:
             _legacy_impl(x, importance, out, cls.nmax, cls.asymmetric)
-        return out.reshape(rows, -1)
+        return out.reshape(rows, cls.row_bytes(cols))
 
 
 class Q4_0(_Legacy, ggml_type=Q.Q4_0):

@@ -46,6 +46,7 @@ def atomic_write(out: Path) -> Iterator[BinaryIO]:
     except OSError as exc:
         raise OutputError(f"{out}: cannot create a file in {out.parent}: {_describe(exc)}") from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
@@ -63,6 +64,12 @@ def atomic_write(out: Path) -> Iterator[BinaryIO]:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: str) -> None:

@@ -12,7 +12,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -58,12 +58,20 @@ def output_format(out: Path, requested: str | None) -> str:
     return "safetensors" if out.suffix == ".safetensors" else "gguf"
 
 
-def target_type(info: TensorInfo, out: Q) -> Q | None:
-    """The type a tensor is written as; None: copied unchanged (integer tensors)."""
+def target_type(info: TensorInfo, out: Q, from_hf: bool = False) -> Q | None:
+    """The type a tensor is written as; None: copied unchanged (integer tensors). 1-D tensors stay
+    F32 in F16/BF16 output, as llama-quantize does; from a Hugging Face directory, whatever
+    llama.cpp's converter keeps in F32 (norms, position and token-type embeddings, ...) stays F32."""
     if info.dtype in INTEGERS:
         return None
-    if out != Q.F32 and len(info.shape) <= 1:
-        return Q.F32
+    if out != Q.F32:
+        if len(info.shape) <= 1:
+            return Q.F32
+        if from_hf:
+            from quantcli.convert import converter_keeps_f32
+
+            if converter_keeps_f32(info.name, len(info.shape)):
+                return Q.F32
     return out
 
 
@@ -77,16 +85,18 @@ def convert(reader: ModelReader, info: TensorInfo, qtype: Q | None) -> np.ndarra
     return codecs.quantize(x.reshape(-1, x.shape[-1] if x.ndim else 1), qtype)
 
 
-def run(opts: DequantizeOptions, progress: ProgressFn | None = None) -> DequantizeResult:
+def run(opts: DequantizeOptions, progress: ProgressFn | None = None,
+        warn: Callable[[str], None] | None = None) -> DequantizeResult:
     step = progress_or_noop(progress)
     out_type = opts.out_type.upper()
     if out_type not in OUT_TYPES:
         raise UsageError(f"unknown output type '{opts.out_type}'; use F32, F16 or BF16")
     fmt = output_format(opts.output, opts.out_format)
     start = time.perf_counter()
-    with open_model(opts.input) as reader:
+    with _open(opts.input, fmt, warn or (lambda _msg: None)) as reader:
         check_output(opts.output, [opts.input], opts.force)
-        plan = [(info, target_type(info, OUT_TYPES[out_type])) for info in reader.tensors.values()]
+        from_hf = reader.format == "hf"
+        plan = [(info, target_type(info, OUT_TYPES[out_type], from_hf)) for info in reader.tensors.values()]
         meta = provenance(reader, source_sha256(reader))
         with atomic_write(opts.output) as fh:
             if fmt == "gguf":
@@ -96,9 +106,19 @@ def run(opts: DequantizeOptions, progress: ProgressFn | None = None) -> Dequanti
     return DequantizeResult(opts.output, fmt, len(plan), written, time.perf_counter() - start)
 
 
+def _open(path: Path, fmt: str, warn: Callable[[str], None]) -> ModelReader:
+    """GGUF output from a Hugging Face directory goes through the converter view (llama.cpp's names,
+    layouts and metadata); safetensors output keeps the source's own names."""
+    if fmt == "gguf":
+        from quantcli.pipelines.quantize import open_source
+
+        return open_source(path, warn)
+    return open_model(path)
+
+
 def _write_gguf(fh, reader: ModelReader, plan, out_type: str, meta: dict[str, Any], step) -> int:
     metadata: dict[str, Any] = {}
-    if reader.format == "gguf":
+    if reader.format != "safetensors":  # GGUF metadata, or the converter view's
         metadata.update(reader.kv)
     metadata["general.file_type"] = int(FILE_TYPES[out_type])
     metadata.update(meta)

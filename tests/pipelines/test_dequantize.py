@@ -102,3 +102,26 @@ def test_sigint_leaves_nothing(real_model, tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob(".o.gguf.tmp-*"))
+
+
+def test_disk_full_is_a_clean_output_error(tiny_gguf, tmp_path, monkeypatch):
+    import errno
+
+    from quantcli.formats import gguf as gguf_format
+
+    def full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_format.GGUFWriter, "write_tensor", full)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(OutputError, match="disk full"):
+        dq.run(dq.DequantizeOptions(tiny_gguf, out))
+    assert not out.exists() and os.listdir(tmp_path) == ["tiny.gguf"]
+
+
+def test_output_permissions_follow_umask(tiny_gguf, tmp_path):
+    out = tmp_path / "o.gguf"
+    dq.run(dq.DequantizeOptions(tiny_gguf, out))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
