@@ -132,7 +132,7 @@ class Profile:
         for info, choice, layer in zip(infos, choices, layer_ids):
             new = choice
             if any(fnmatch.fnmatchcase(info.name, g) for g in self.keep):
-                t = self.keep_type or "COPY"
+                t = self.keep_type or info.dtype
                 new = TensorChoice(info.name, t, f"profile {self.path.name}: keep", False)
             elif len(info.shape) >= 2:
                 for rule, layers in zip(self.rules, resolved):
