@@ -158,6 +158,8 @@ def save_gguf(imatrix: Imatrix, out: Path) -> None:
         e = imatrix.entries[name]
         sums = np.ascontiguousarray(e.sums, dtype=np.float32).reshape(e.counts.size, -1)
         counts = np.ascontiguousarray(e.counts, dtype=np.float32).reshape(e.counts.size, 1)
+        if e.counts.size == 1:  # ggml_n_dims drops trailing 1s: llama writes 1-D tensors here
+            sums, counts = sums.reshape(-1), counts.reshape(-1)
         tensors += [(name + SUM_SUFFIX, sums.shape, Q.F32), (name + COUNT_SUFFIX, counts.shape, Q.F32)]
         arrays += [sums, counts]
     with atomic_write(out) as fh:

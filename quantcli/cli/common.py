@@ -14,7 +14,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeElapsedColumn, TimeRemainingColumn)
 
 from quantcli.errors import Interrupted, QuantcliError
-from quantcli.pipelines.common import Progress as Step
+from quantcli.progress import Progress as Step
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

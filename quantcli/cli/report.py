@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, out
+from quantcli.cli.common import boundary, out, progress_bar
+from quantcli.errors import UsageError
 from quantcli.pipelines import report as pipeline
 
 
@@ -46,6 +48,14 @@ def render(rep: pipeline.Report, show_tensors: bool) -> None:
     for name, v in tot.types.items():
         t.add_row(name, str(v["tensors"]), f"{v['params']:,}", _mb(v["bytes"]))
     out.print(t)
+    ev = rep.evaluation
+    if ev:
+        line = (f"perplexity {ev['perplexity']:.4f} ± {ev['perplexity_error']:.4f} on {ev['tokens']} tokens "
+                f"({ev['chunks']} chunks of {ev['ctx']}, {ev['tokens_per_second']} tok/s)")
+        if ev.get("kld_mean") is not None:
+            line += (f"; vs base: KLD mean {ev['kld_mean']:.6f}, p99 {ev['kld_p99']:.6f}, "
+                     f"top-1 agreement {100 * ev['top1_agreement']:.2f}%")
+        out.print(line)
     out.print(f"total: {tot.tensors} tensors, {tot.params:,} params, {_mb(tot.bytes)} MB, "
               f"{tot.bpw:.3f} bpw, {tot.ratio_vs_f16:.2f}× smaller than F16, "
               f"{tot.ratio_vs_f32:.2f}× smaller than F32")
@@ -57,9 +67,18 @@ def report(
     file: Path = typer.Argument(..., help="GGUF file, safetensors file or Hugging Face model directory."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema quantcli.report/1)."),
     tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Include the per-tensor table."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Text for perplexity (llama-perplexity's method)."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per evaluation chunk."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Reference model for KL divergence and top-1 agreement."),
 ) -> None:
-    """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata."""
-    rep = pipeline.run(file)
+    """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata;
+    with --eval-text, perplexity (and KLD against --base)."""
+    if base is not None and eval_text is None:
+        raise UsageError("--base needs --eval-text")
+    evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base) if eval_text else None
+    with progress_bar(as_json or evaluation is None, "evaluate") as progress:
+        rep = pipeline.run(file, evaluation, progress)
     if as_json:
         typer.echo(json.dumps(rep.to_json(), indent=1))
     else:

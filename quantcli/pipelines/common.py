@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 
 import quantcli
 from quantcli.formats import ModelReader
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One step of a long run: `done` of `total` units (tensors, layers, chunks) and bytes so far."""
-
-    stage: str  # "tensor", "layer", "chunk", ...
-    done: int
-    total: int
-    name: str = ""
-    bytes_done: int = 0
-    bytes_total: int = 0
-
-
-ProgressFn = Callable[[Progress], None]
-
-
-def _noop(_: Progress) -> None:
-    pass
-
-
-def progress_or_noop(progress: ProgressFn | None) -> ProgressFn:
-    return progress or _noop
+from quantcli.progress import Progress, ProgressFn, progress_or_noop  # noqa: F401  (re-exported)
 
 
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:

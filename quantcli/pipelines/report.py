@@ -110,6 +110,40 @@ def build(reader: ModelReader) -> Report:
                   tensors=rows, layers=layers, totals=totals)
 
 
-def run(path: Path) -> Report:
+@dataclass(frozen=True)
+class EvalOptions:
+    text: Path  # evaluation text (UTF-8), tokenized once with BOS as llama-perplexity does
+    ctx: int = 512  # tokens per chunk
+    chunks: int | None = None  # at most this many chunks; None: all the text holds
+    base: Path | None = None  # a reference model for KL divergence and top-1 agreement
+
+
+def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:
+    """llama-perplexity's perplexity (and KLD vs a base model) through the numpy engine."""
+    from quantcli.engine.perplexity import PerplexityOptions, evaluate as engine_evaluate
+    from quantcli.errors import InputError, UsageError
+
+    if opts.ctx < 2:
+        raise UsageError(f"--ctx must be at least 2, got {opts.ctx}")
+    try:
+        text = Path(opts.text).read_bytes().decode("utf-8")  # bytes: no newline translation, as llama.cpp
+    except FileNotFoundError:
+        raise InputError(f"{opts.text}: no such text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{opts.text}: not UTF-8 text") from None
+    r = engine_evaluate(reader, text, PerplexityOptions(ctx=opts.ctx, chunks=opts.chunks),
+                        base=opts.base, progress=progress)
+    return {"text": str(opts.text), "ctx": r.ctx, "chunks": r.chunks, "tokens": r.tokens,
+            "perplexity": r.perplexity, "perplexity_error": r.perplexity_error,
+            "running": list(r.running), "kld_mean": r.kld_mean, "kld_p99": r.kld_p99,
+            "top1_agreement": r.top1_agreement, "base": str(opts.base) if opts.base else None,
+            "base_perplexity": r.base_perplexity, "seconds": round(r.seconds, 3),
+            "tokens_per_second": round(r.tokens_per_second, 1)}
+
+
+def run(path: Path, evaluation: EvalOptions | None = None, progress=None) -> Report:
     with open_model(path) as reader:
-        return build(reader)
+        rep = build(reader)
+        if evaluation is not None:
+            rep = Report(**{**rep.__dict__, "evaluation": evaluate(reader, evaluation, progress)})
+        return rep

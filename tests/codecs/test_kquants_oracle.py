@@ -78,7 +78,8 @@ def check(qtype: str, kind: str, cols_options: list[int], seed: int) -> None:
         x = make_rows(rng, kind, 4, cols)
         for imp in importances(rng, cols):
             problem = mismatch(qtype, x, imp)
-            assert not problem, f"{qtype} {kind} cols={cols} importance={imp is not None}: {problem}"
+            weighted = imp is not None
+            assert not problem, f"{qtype} {kind} cols={cols} importance={weighted}: {problem}"
 
 
 @pytest.mark.parametrize("kind", KINDS)

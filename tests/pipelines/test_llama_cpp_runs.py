@@ -30,11 +30,11 @@ def test_q4_k_m_perplexity_in_llama_cpp(real_f32, tmp_path):
         pytest.skip("llama-perplexity not found (set QUANTCLI_LLAMA_BIN)")
     out = tmp_path / "q4_k_m.gguf"
     qp.run(qp.QuantizeOptions(real_f32, out, "Q4_K_M"))
-    proc = subprocess.run([str(exe), "-m", str(out), "-f", str(DATA / "reference" / "text" / "exodus.txt"),
+    proc = subprocess.run([str(exe), "-m", str(out), "-f", str(DATA / "engine" / "exodus.txt"),
                            "-c", "512", "--chunks", "4", "-t", "2"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", proc.stdout + proc.stderr)]
-    ref_log = (DATA / "reference" / "engine" / "ppl-exodus-Q4_K_M.log").read_text()
+    ref_log = (DATA / "engine" / "ppl-exodus-Q4_K_M.log").read_text()
     want = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", ref_log)][:4]
     assert got[:4] == pytest.approx(want, rel=1e-4)

@@ -1,0 +1,229 @@
+"""A llama-family decoder run one layer at a time over many chunks.
+
+Layer-sequential: every chunk's hidden state goes through layer i before layer i+1 is loaded, so
+memory holds one layer's weights (dequantized to float32) plus the hidden states
+[n_chunks, n_ctx, n_embd] (in RAM or a memory-mapped file). The graph is llama.cpp's
+(`src/models/{llama,qwen2,qwen3,gemma3}.cpp`, `build_ffn`, `build_attn`); a KV cache in fp16 is
+emulated by rounding k and v to fp16, as llama.cpp stores them, and with `act_quant` every matmul
+input is rounded to the weight's ggml vec_dot_type (Q8_0, Q8_K, F16) as ggml-cpu's kernels do —
+for quantized weights that rounding, not the weights, is most of llama-perplexity's difference
+between an F32 model and one quantized from it without loss.
+
+    model = Model(reader)
+    hidden = model.embed(tokens)                       # [n_chunks, n_ctx, n_embd]
+    run_layers(model, hidden, hook=imatrix.collect)    # in place, layer by layer
+    h = model.final_norm(hidden[c])                    # then model.output_rows(v0, v1) per slice
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from quantcli.engine.config import ModelConfig
+from quantcli.engine.ops import (activation_type, attention, gelu, quantize_activations, rms_norm, rope,
+                                 rope_cache, silu)
+from quantcli.progress import Progress, ProgressFn, progress_or_noop
+from quantcli.errors import InputError
+
+Hook = Callable[[str, np.ndarray], None]  # (weight name, matmul input [n_tokens, n_in])
+
+# per-layer tensors by short name; those marked optional may be absent
+_LAYER_TENSORS = {
+    "attn_norm": True, "attn_q": True, "attn_k": True, "attn_v": True, "attn_output": True,
+    "ffn_norm": True, "ffn_gate": True, "ffn_up": True, "ffn_down": True,
+    "attn_q_norm": False, "attn_k_norm": False, "post_attention_norm": False, "post_ffw_norm": False,
+}
+_BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+class Model:
+    """Weights on demand from a model reader (`meta`, `tensors`, `load_f32`, `raw`)."""
+
+    def __init__(self, reader: Any, kv_f16: bool = True, act_quant: bool = True) -> None:
+        self.reader = reader
+        self.config = ModelConfig.from_reader(reader)
+        self.kv_f16 = kv_f16  # round k, v to fp16 as llama.cpp's default KV cache does
+        self.act_quant = act_quant  # round matmul inputs to the weight's vec_dot_type like ggml-cpu
+        self.output_name = "output.weight" if "output.weight" in reader.tensors else "token_embd.weight"
+        ff = reader.tensors.get("rope_freqs.weight")
+        self._freq_factors = None if ff is None else reader.load_f32("rope_freqs.weight").tobytes()
+        self._check_tensors()
+
+    def _check_tensors(self) -> None:
+        cfg, names = self.config, self.reader.tensors
+        for il in range(cfg.n_layer):
+            for short, required in _LAYER_TENSORS.items():
+                if required and f"blk.{il}.{short}.weight" not in names:
+                    raise InputError(f"tensor blk.{il}.{short}.weight is missing for {cfg.arch}")
+        for short in ("attn_q_norm", "attn_k_norm") if cfg.qk_norm else ():
+            if f"blk.0.{short}.weight" not in names:
+                raise InputError(f"{cfg.arch} needs blk.0.{short}.weight")
+
+    # -- weights -------------------------------------------------------------------------------
+    def layer_weights(self, il: int) -> dict[str, np.ndarray]:
+        """Layer il's tensors as float32, by short name ('attn_q', 'attn_q.bias', ...)."""
+        names = self.reader.tensors
+        w = {}
+        for short in _LAYER_TENSORS:
+            name = f"blk.{il}.{short}.weight"
+            if name in names:
+                w[short] = self.reader.load_f32(name)
+        for short in _BIASES:
+            name = f"blk.{il}.{short}.bias"
+            if name in names:
+                w[short + ".bias"] = self.reader.load_f32(name)
+        return w
+
+    def rows(self, name: str, index: np.ndarray | slice) -> np.ndarray:
+        """Rows of a 2-D tensor as float32, dequantizing only those rows."""
+        from quantcli import codecs
+
+        info = self.reader.tensors[name]
+        n_rows, n_cols = info.shape
+        raw = self.reader.raw(name).reshape(n_rows, info.nbytes // n_rows)
+        sel = raw[index]
+        if info.dtype == "F32":
+            return np.ascontiguousarray(sel).view(np.float32)
+        return codecs.dequantize(sel, info.ggml_type, (sel.shape[0], n_cols))
+
+    def matmul_input(self, name: str, x: np.ndarray) -> np.ndarray:
+        """x as ggml-cpu feeds it to a matmul with weight `name` (rounded when act_quant)."""
+        if not self.act_quant:
+            return x
+        return quantize_activations(x, activation_type(self.reader.tensors[name].dtype))
+
+    def output_rows(self, v0: int, v1: int) -> np.ndarray:
+        """Rows v0:v1 of the output projection (tied to token_embd when output.weight is absent)."""
+        return self.rows(self.output_name, slice(v0, v1))
+
+    # -- forward pieces ----------------------------------------------------------------------------
+    def embed(self, tokens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """get_rows(token_embd) (* sqrt(n_embd) for gemma): tokens [...] -> [..., n_embd]."""
+        cfg = self.config
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.n_vocab):
+            raise InputError(f"token ids must be in [0, {cfg.n_vocab}); got {tokens.min()}..{tokens.max()}")
+        uniq, inverse = np.unique(tokens.reshape(-1), return_inverse=True)
+        table = self.rows("token_embd.weight", uniq)
+        if cfg.embed_scale != 1.0:
+            table *= np.float32(cfg.embed_scale)
+        if out is None:
+            out = np.empty(tokens.shape + (cfg.n_embd,), np.float32)
+        out[...] = table[inverse].reshape(out.shape)
+        return out
+
+    def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None) -> np.ndarray:
+        """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]."""
+        cfg = self.config
+        T = x.shape[0]
+
+        # q/k/v and gate/up share an input: round it once. The entry keeps its input alive, so
+        # the id in the key cannot be reused by a later array.
+        rounded: dict[tuple[int, str], tuple[np.ndarray, np.ndarray]] = {}
+
+        def linear(name: str, h: np.ndarray) -> np.ndarray:
+            full = f"blk.{il}.{name}.weight"
+            if hook is not None:
+                hook(full, h)
+            xin = h
+            if self.act_quant:
+                key = (id(h), activation_type(self.reader.tensors[full].dtype))
+                if key not in rounded:
+                    rounded[key] = (h, quantize_activations(h, key[1]))
+                xin = rounded[key][1]
+            y = xin @ w[name].T  # [T, n_in] @ [n_in, n_out]
+            b = w.get(name + ".bias")
+            return y if b is None else y + b
+
+        # attention
+        h = rms_norm(x, w["attn_norm"], cfg.norm_eps)  # [T, n_embd]
+        q = linear("attn_q", h).reshape(T, cfg.n_head, cfg.head_dim)
+        k = linear("attn_k", h).reshape(T, cfg.n_head_kv, cfg.head_dim)
+        v = linear("attn_v", h).reshape(T, cfg.n_head_kv, cfg.head_dim_v)
+        if cfg.qk_norm:
+            q = rms_norm(q, w["attn_q_norm"], cfg.norm_eps)
+            k = rms_norm(k, w["attn_k_norm"], cfg.norm_eps)
+        swa = cfg.is_swa(il)
+        base, scale = (cfg.rope_base_swa, cfg.rope_scale_swa) if swa else (cfg.rope_base, cfg.rope_scale)
+        cos, sin = rope_cache(T, cfg.n_rot, base, scale, self._freq_factors)
+        q = rope(q, cos, sin, cfg.rope_neox)  # [T, n_head, d]
+        k = rope(k, cos, sin, cfg.rope_neox)  # [T, n_head_kv, d]
+        if self.kv_f16:
+            k = k.astype(np.float16).astype(np.float32)
+            v = v.astype(np.float16).astype(np.float32)
+        if cfg.arch == "gemma3":  # gemma scales q before the product (gemma3.cpp)
+            q *= np.float32(cfg.attn_scale)
+            a = attention(q, k, v, 1.0, cfg.sliding_window if swa else 0)
+        else:
+            a = attention(q, k, v, cfg.attn_scale, cfg.sliding_window if swa else 0)
+        a = linear("attn_output", a)  # [T, n_head*dv] -> [T, n_embd]
+        if cfg.post_norms:
+            a = rms_norm(a, w["post_attention_norm"], cfg.norm_eps)
+        x = x + a
+
+        # feed-forward: down(act(gate(h)) * up(h))
+        h = rms_norm(x, w["ffn_norm"], cfg.norm_eps)
+        g = linear("ffn_gate", h)  # [T, n_ff]
+        u = linear("ffn_up", h)
+        h = (gelu(g) if cfg.act == "gelu" else silu(g)) * u
+        h = linear("ffn_down", h)  # [T, n_embd]
+        if cfg.post_norms:
+            h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
+        return x + h
+
+    def final_norm(self, x: np.ndarray) -> np.ndarray:
+        if not hasattr(self, "_output_norm"):
+            self._output_norm = self.reader.load_f32("output_norm.weight")
+        return rms_norm(x, self._output_norm, self.config.norm_eps)
+
+    def head_input(self, x: np.ndarray) -> np.ndarray:
+        """Final norm, then the rounding the output matmul applies: [n, n_embd] -> [n, n_embd]."""
+        return self.matmul_input(self.output_name, self.final_norm(x))
+
+    def logits(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """h [n, n_embd] (from head_input) against output rows [V, n_embd] -> [n, V]."""
+        z = h @ rows.T
+        cap = self.config.final_logit_softcap
+        if cap:
+            z = np.tanh(z * np.float32(1.0 / cap)) * np.float32(cap)
+        return z
+
+    def vocab_slices(self, n: int) -> Iterator[tuple[int, int]]:
+        V = self.config.n_vocab
+        for v0 in range(0, V, n):
+            yield v0, min(V, v0 + n)
+
+
+def run_layers(model: Model, hidden: np.ndarray, hook: Hook | None = None, start: int = 0,
+               stop: int | None = None, progress: ProgressFn | None = None,
+               on_layer_done: Callable[[int], None] | None = None) -> np.ndarray:
+    """Pass every chunk of hidden [n_chunks, n_ctx, n_embd] through layers start..stop-1, in
+    place: all chunks through layer i, then layer i+1 is loaded."""
+    report = progress_or_noop(progress)
+    stop = model.config.n_layer if stop is None else stop
+    for il in range(start, stop):
+        w = model.layer_weights(il)
+        for c in range(hidden.shape[0]):
+            hidden[c] = model.layer(il, w, np.asarray(hidden[c]), hook)
+        del w
+        if on_layer_done is not None:
+            on_layer_done(il)
+        report(Progress("layer", il + 1, model.config.n_layer, f"blk.{il}"))
+    return hidden
+
+
+def forward(model: Model, tokens: np.ndarray, hook: Hook | None = None) -> np.ndarray:
+    """Whole model, one chunk at a time (all layers for chunk 0, then chunk 1 ...): full logits
+    [n_chunks, n_ctx, n_vocab]. For tests and small vocabularies; perplexity streams instead."""
+    tokens = np.atleast_2d(np.asarray(tokens))
+    weights = [model.layer_weights(il) for il in range(model.config.n_layer)]
+    rows = model.output_rows(0, model.config.n_vocab)
+    out = []
+    for chunk in tokens:
+        x = model.embed(chunk)
+        for il, w in enumerate(weights):
+            x = model.layer(il, w, x, hook)
+        out.append(model.logits(model.head_input(x), rows))
+    return np.stack(out)

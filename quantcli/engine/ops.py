@@ -1,0 +1,188 @@
+"""The few operations a llama-family forward pass needs, in float32 numpy, following ggml-cpu.
+
+Each cites the ggml kernel it mirrors; where ggml rounds (the fp16 GELU table, the fp16 KV cache,
+the float32 running product of the rope angles) we round the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+GELU_COEF_A = np.float32(0.044715)
+SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """ggml_rms_norm then ggml_mul: x / sqrt(mean(x^2) + eps) * w over the last axis."""
+    # [..., n] -> [..., n]; the mean of squares in float64 as ggml's ggml_float sum
+    ms = np.einsum("...i,...i->...", x, x, dtype=np.float64) / x.shape[-1]
+    scale = (1.0 / np.sqrt(ms.astype(np.float32) + np.float32(eps))).astype(np.float32)
+    y = x * scale[..., None]
+    return y if weight is None else y * weight
+
+
+@lru_cache(maxsize=1)
+def _gelu_table() -> np.ndarray:
+    """ggml_table_gelu_f16: gelu of every fp16 value, rounded to fp16 (GGML_GELU_FP16)."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(
+            SQRT_2_OVER_PI * x * (np.float32(1.0) + GELU_COEF_A * x * x)))
+    return y.astype(np.float16).astype(np.float32)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_gelu_f32 with GGML_GELU_FP16: table lookup on the fp16-rounded input,
+    0 below -10, identity above 10."""
+    table = _gelu_table()
+    y = table[x.astype(np.float16).view(np.uint16)]
+    if x.size and x.min() <= -10.0:
+        y[x <= -10.0] = 0.0
+    if x.size and x.max() >= 10.0:
+        big = x >= 10.0
+        y[big] = x[big]
+    return y
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """ggml_silu_f32: x / (1 + exp(-x))."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
+# ggml-cpu's type_traits_cpu[type].vec_dot_type: what a matmul's activations are converted to
+# before the dot products with weights of that type
+_Q8_0_TYPES = {"Q4_0", "Q5_0", "Q8_0", "Q1_0", "Q2_0", "IQ4_NL", "MXFP4", "NVFP4", "Q4_1", "Q5_1", "Q8_1"}
+_Q8_K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+               "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0"}
+
+
+def activation_type(weight_type: str) -> str:
+    """The type ggml-cpu converts matmul inputs to for weights of `weight_type` (Q8_1 gives the
+    same values as Q8_0)."""
+    if weight_type in _Q8_0_TYPES:
+        return "Q8_0"
+    if weight_type in _Q8_K_TYPES:
+        return "Q8_K"
+    if weight_type in ("F16", "BF16"):
+        return weight_type
+    return "F32"
+
+
+def quantize_activations(x: np.ndarray, act_type: str) -> np.ndarray:
+    """x [..., n] rounded as ggml-cpu rounds a matmul's input for the weight's vec_dot_type,
+    returned dequantized (float32), so a float matmul sees the values ggml's integer dot sees.
+
+    Q8_0 (quantize_row_q8_0, x86): per 32, d = amax/127 stored fp16, q = rint(x * 127/amax).
+    Q8_K (quantize_row_q8_K_ref): per 256, iscale = -127/max (max: the signed value of largest
+    magnitude, first wins), q = min(127, rint(iscale*x)), d = 1/iscale.
+    """
+    if act_type == "F32":
+        return x
+    if act_type == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    if act_type == "BF16":
+        u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000  # round to nearest even
+        return u.view(np.float32)
+    block = 32 if act_type == "Q8_0" else 256
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1] // block, block)  # [rows, n_blocks, block]
+    if act_type == "Q8_0":
+        amax = np.abs(xb).max(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+        return (np.rint(xb * iscale) * d).reshape(shape)
+    arg = np.abs(xb).argmax(axis=-1)[..., None]
+    vmax = np.take_along_axis(xb, arg, axis=-1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.rint(xb * iscale), np.float32(127.0))
+    return (q * d).reshape(shape)
+
+
+@lru_cache(maxsize=16)
+def rope_cache(n_pos: int, n_rot: int, base: float, scale: float,
+               freq_factors: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape [n_pos, n_rot/2], as ggml_rope_cache_init with ext_factor = 0:
+    theta_i = p * base^(-2i/n_rot), built by repeated float32 multiplication like ggml, then
+    divided by the frequency factor (llama3 rope_freqs) and multiplied by freq_scale."""
+    theta_scale = np.float32(math.pow(np.float32(base), np.float32(-2.0) / np.float32(n_rot)))
+    half = n_rot // 2
+    theta = np.empty((n_pos, half), np.float32)
+    theta[:, 0] = np.arange(n_pos, dtype=np.float32)
+    for i in range(1, half):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    if freq_factors is not None:
+        theta = theta / np.frombuffer(freq_factors, np.float32)
+    theta = theta * np.float32(scale)
+    return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> np.ndarray:
+    """ggml_rope_ext on x [T, n_heads, head_dim] with cos/sin [T, n_rot/2].
+    NEOX rotates pairs (i, i + n_rot/2); normal (llama) rotates pairs (2i, 2i+1)."""
+    n_rot = 2 * cos.shape[-1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = x.copy()
+    if neox:
+        x0, x1 = x[..., : n_rot // 2], x[..., n_rot // 2: n_rot]
+        out[..., : n_rot // 2] = x0 * c - x1 * s
+        out[..., n_rot // 2: n_rot] = x0 * s + x1 * c
+    else:
+        x0, x1 = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
+        out[..., 0:n_rot:2] = x0 * c - x1 * s
+        out[..., 1:n_rot:2] = x0 * s + x1 * c
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32 (rows fully masked to -inf give NaN, as ggml)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True, dtype=np.float64).astype(np.float32)
+
+
+def attention_mask(n_q: int, n_kv: int, q_offset: int = 0, window: int = 0) -> np.ndarray:
+    """Additive mask [n_q, n_kv]: 0 where query position q_offset+i may see key j, else -inf.
+    Causal (j <= i); with a sliding window also i - j < window (llama_hparams::is_masked_swa)."""
+    qpos = np.arange(q_offset, q_offset + n_q)[:, None]
+    kpos = np.arange(n_kv)[None, :]
+    visible = kpos <= qpos
+    if window > 0:
+        visible &= (qpos - kpos) < window
+    return np.where(visible, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int = 0,
+              block: int = 64) -> np.ndarray:
+    """Causal (optionally sliding-window) grouped-query attention, as ggml_flash_attn_ext.
+
+    q [T, n_head, d], k [T, n_kv, d], v [T, n_kv, dv] -> [T, n_head * dv]. Query rows go in
+    blocks of `block`, each against only the keys it can see (causal: about half the work of
+    the full square; memory is one block's scores; 64 measured fastest). Each kv head's query group is
+    one 2-D product, which BLAS runs far faster than numpy's stacked matmul.
+    """
+    T, n_head, d = q.shape
+    n_kv, dv = k.shape[1], v.shape[2]
+    g = n_head // n_kv
+    out = np.empty((T, n_kv, g, dv), np.float32)
+    for h in range(n_kv):
+        qh = np.ascontiguousarray(q[:, h * g:(h + 1) * g].transpose(1, 0, 2))  # [g, T, d]
+        kh = np.ascontiguousarray(k[:, h])  # [T, d]
+        vh = np.ascontiguousarray(v[:, h])  # [T, dv]
+        for q0 in range(0, T, block):
+            q1 = min(T, q0 + block)
+            k0 = max(0, q0 - window + 1) if window > 0 else 0  # earlier keys are outside every window
+            qb = qh[:, q0:q1].reshape(g * (q1 - q0), d)
+            s = (qb @ kh[k0:q1].T).reshape(g, q1 - q0, q1 - k0)  # [g, bq, bk]
+            s *= np.float32(scale)
+            s += attention_mask(q1 - q0, q1 - k0, q0 - k0, window)
+            p = softmax(s).reshape(g * (q1 - q0), q1 - k0)
+            out[q0:q1, h] = (p @ vh[k0:q1]).reshape(g, q1 - q0, dv).transpose(1, 0, 2)
+    return out.reshape(T, n_head * dv)
