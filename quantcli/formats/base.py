@@ -84,11 +84,14 @@ class ModelReader:
     def architecture(self) -> str | None:
         return self.meta("general.architecture")
 
-    def load_f32(self, name: str) -> np.ndarray:
-        """Decode one tensor to float32 in its numpy-order shape."""
+    def load_f32(self, name: str, copy: bool = True) -> np.ndarray:
+        """Decode one tensor to float32 in its numpy-order shape. With copy=False an F32 tensor is
+        returned as a read-only view of the memory map (no copy; callers must not write to it)."""
         from quantcli.formats.dtypes import decode_to_f32
 
         info = self.info(name)
+        if not copy and info.dtype == "F32":
+            return self.raw(name).view("<f4").reshape(info.shape)
         return decode_to_f32(self.raw(name), info, self.path)
 
     def summary(self) -> dict[str, Any]:

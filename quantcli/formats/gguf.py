@@ -110,8 +110,32 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
     if item == GGUFValueType.STRING:
         if count > cur.left() // 8:  # each string has at least its 8-byte length
             raise cur.fail(f"array '{key}' claims {count} strings, only {cur.left()} bytes remain")
-        return KV(vtype, [cur.string(f"item of '{key}'") for _ in range(count)], item)
+        return KV(vtype, _string_array(cur, count, key), item)
     raise cur.fail(f"array '{key}' has unsupported item type {item}")
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _string_array(cur: _Cursor, count: int, key: str) -> list[str]:
+    """`count` length-prefixed strings: the vocabulary (262k entries for Gemma), so a tight loop."""
+    buf, pos, size = cur.buf, cur.pos, cur.size
+    unpack = _U64.unpack_from
+    out = []
+    append = out.append
+    for _ in range(count):
+        if pos + 8 > size:
+            cur.pos = pos
+            raise cur.fail(f"item of '{key}' runs past the end of the file (truncated or corrupt file)")
+        (n,) = unpack(buf, pos)
+        pos += 8
+        if n > size - pos:
+            cur.pos = pos
+            raise cur.fail(f"item of '{key}' claims {n} bytes but only {size - pos} remain")
+        append(str(buf[pos:pos + n], "utf-8", "surrogateescape"))
+        pos += n
+    cur.pos = pos
+    return out
 
 
 class GGUFReader(ModelReader):

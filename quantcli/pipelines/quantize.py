@@ -241,7 +241,7 @@ def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarra
     """One tensor's output bytes; rows are split across threads (identical bytes for any count)."""
     if p.copy:
         return np.asarray(reader.raw(p.info.name))
-    x = reader.load_f32(p.info.name)
+    x = reader.load_f32(p.info.name, copy=False)
     cols = x.shape[-1] if x.ndim else 1
     rows = x.reshape(-1, cols)
     n_mat = rows.shape[0] // (x.shape[-2] if x.ndim >= 2 else 1)  # experts in a 3-D tensor
@@ -335,12 +335,14 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     units = units_of(plan)
     total_in = sum(p.info.nbytes for p in plan)
     done_in, done_n, resumed = 0, 0, 0
+    fresh: set[str] = set()  # units written by this run: their hash was computed as they were written
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
         for label, tensors in units:
             if store.get(label) is not None:
                 resumed += 1
             else:
+                fresh.add(label)
                 with store.put(label) as fh:
                     for p in tensors:
                         imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
@@ -357,7 +359,7 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     with atomic_write(opts.output) as out:
         writer = GGUFWriter(out, meta, tensors, alignment=getattr(reader, "alignment", 32))
         for label, group in units:
-            path = store.get(label)
+            path = store.path(label) if label in fresh else store.get(label)
             if path is None:
                 raise InputError(f"checkpoint {store.path(label)} changed during the run")
             with open(path, "rb") as fh:
