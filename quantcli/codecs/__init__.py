@@ -53,7 +53,9 @@ def quantize(
         )
     if rows == 0 or cols == 0:
         return np.zeros((rows, codec.row_bytes(cols)), dtype=np.uint8)
-    amax = np.abs(x).max(axis=1)  # one pass: NaN/Inf propagate into the row maximum
+    from quantcli.codecs._ggml_math import row_absmax  # numba: loaded with the codec families
+
+    amax = row_absmax(x.view(np.int32))  # one pass; NaN/Inf make a row's maximum non-finite
     if not np.isfinite(amax).all():
         check_finite_rows(x)
     if importance is not None:

@@ -352,3 +352,24 @@ def row_sigma2(x, r, cols):
     for j in range(cols):
         s += x[r, j] * x[r, j]
     return s / np.float32(cols)
+
+
+_ABS_BITS = np.int32(0x7FFFFFFF)
+
+
+@njit(**JIT)
+def row_absmax(xi):
+    """Per-row max |x| of float32 rows given as their int32 bits: (rows, cols) -> (rows,) float32.
+
+    Compares the magnitude bits as integers, which order like the floats and let NaN (bits above
+    Inf's 0x7F800000) win instead of being skipped: a row with NaN/Inf comes out non-finite.
+    """
+    rows, cols = xi.shape
+    out = np.empty(rows, np.float32)
+    for r in range(rows):
+        m = np.int32(0)
+        for j in range(cols):
+            b = xi[r, j] & _ABS_BITS
+            m = b if b > m else m
+        out[r] = f32_from_bits(np.int64(m))
+    return out

@@ -44,14 +44,19 @@ def _pack_qh(L, out, b, pos):
 _I32_LO = np.float32(-(2.0**31))
 _I32_HI = np.float32(2.0**31)
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
+_I8_SIGN = np.int32(0x80)
+_LOW_BYTE = np.int32(0xFF)
 
 
 @njit(**JIT)
-def _to_int8(v):
-    """(int8_t)v as gcc compiles it on x86: cvttss2si to int32 (0x80000000 when out of range or
-    NaN), then the low byte."""
-    i = np.int64(v) if _I32_LO <= v < _I32_HI else np.int64(-(2**31))
-    return ((i & 0xFF) ^ 0x80) - 0x80
+def _level(v, hi):
+    """MIN(hi, (int8_t)v) & 0xFF as gcc compiles the cast on x86: cvttss2si to int32 (0x80000000
+    when out of range or NaN), then the low byte, sign-extended. Branch-free: it vectorizes."""
+    ok = (v >= _I32_LO) & (v < _I32_HI)
+    i = np.int32(v if ok else np.float32(0.0))
+    i = i if ok else np.int32(-(2**31))
+    i = ((i & _LOW_BYTE) ^ _I8_SIGN) - _I8_SIGN
+    return (i if i < hi else hi) & _LOW_BYTE
 
 
 @njit(**JIT)
@@ -60,9 +65,11 @@ def _legacy_ref(xf, out, nmax, asymmetric):
     _q5_0_ref (16: d = max / -16, MIN(31, (int8_t)(x/d + 16.5f))), _q4_1_ref (15: d = (max - min)
     / 15, m = min, MIN(15, (int8_t)((x - min)/d + 0.5f))), _q5_1_ref (31: (uint8_t)(.. + 0.5f)).
     xf: (n_blocks * 32,) float32, out: (n_blocks, type_size) uint8."""
-    L = np.zeros(QK, np.int64)
     fnmax = np.float32(nmax)
-    hi = 127 if nmax == 31 else (31 if nmax == 16 else 15)  # MIN(15|31, .); Q5_1 has none
+    hi = np.int32(127 if nmax == 31 else (31 if nmax == 16 else 15))  # Q5_1 has no MIN
+    five_bit = nmax > 15
+    pos = 4 if asymmetric else 2
+    qs = pos + 4 if five_bit else pos
     for b in range(out.shape[0]):
         o = b * QK
         if asymmetric:
@@ -70,10 +77,8 @@ def _legacy_ref(xf, out, nmax, asymmetric):
             fmax = -_FLT_MAX
             for j in range(QK):
                 v = xf[o + j]
-                if v < fmin:
-                    fmin = v
-                if v > fmax:
-                    fmax = v
+                fmin = v if v < fmin else fmin
+                fmax = v if v > fmax else fmax
             d = (fmax - fmin) / fnmax
             bias = np.float32(0.5)
             put_fp16(out, b, 2, fmin)
@@ -82,23 +87,26 @@ def _legacy_ref(xf, out, nmax, asymmetric):
             fmax = np.float32(0.0)
             for j in range(QK):
                 v = xf[o + j]
-                if amax < abs(v):
-                    amax = abs(v)
-                    fmax = v
+                take = amax < abs(v)
+                amax = abs(v) if take else amax
+                fmax = v if take else fmax
             d = fmax / -fnmax
             fmin = np.float32(0.0)
             bias = fnmax + np.float32(0.5)
         idv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
         put_fp16(out, b, 0, d)
-        for j in range(QK):  # x - 0.0f == x bit for bit, so the _0 types share the expression
-            L[j] = min(hi, _to_int8((xf[o + j] - fmin) * idv + bias)) & 0xFF
-        pos = 4 if asymmetric else 2
-        if nmax > 15:
-            _pack_qh(L, out, b, pos)
-            _pack_nibbles(L, out, b, pos + 4)
-        else:  # qs[j] = xi0 | xi1 << 4, unmasked as in C
-            for j in range(16):
-                out[b, pos + j] = (L[j] | (L[j + 16] << 4)) & 0xFF
+        qh = 0
+        for j in range(16):  # x - 0.0f == x bit for bit, so the _0 types share the expression
+            l0 = _level((xf[o + j] - fmin) * idv + bias, hi)
+            l1 = _level((xf[o + 16 + j] - fmin) * idv + bias, hi)
+            if five_bit:  # qs[j] = (xi0 & 0xF) | (xi1 & 0xF) << 4; bit 4 of each into qh
+                out[b, qs + j] = (l0 & 0xF) | ((l1 & 0xF) << 4)
+                qh |= ((l0 >> 4) & 1) << j | ((l1 >> 4) & 1) << (j + 16)
+            else:  # qs[j] = xi0 | xi1 << 4, unmasked as in C
+                out[b, qs + j] = l0 | (l1 << 4)
+        if five_bit:
+            for k in range(4):
+                out[b, pos + k] = (qh >> (8 * k)) & 0xFF
 
 
 @njit(**JIT)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ class KV:
     type: int  # gguf.GGUFValueType
     value: Any  # str | int | float | bool | list[str] | np.ndarray | list
     item_type: int | None = None  # for arrays
+    raw: bytes | None = field(default=None, repr=False, compare=False)  # a string array's bytes as read
 
 
 @dataclass(frozen=True)

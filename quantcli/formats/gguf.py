@@ -110,7 +110,9 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
     if item == GGUFValueType.STRING:
         if count > cur.left() // 8:  # each string has at least its 8-byte length
             raise cur.fail(f"array '{key}' claims {count} strings, only {cur.left()} bytes remain")
-        return KV(vtype, _string_array(cur, count, key), item)
+        start = cur.pos
+        strings = _string_array(cur, count, key)
+        return KV(vtype, strings, item, raw=bytes(cur.buf[start:cur.pos]))
     raise cur.fail(f"array '{key}' has unsupported item type {item}")
 
 
@@ -267,6 +269,8 @@ def _pack_value(kv: KV) -> bytes:
     if kv.type != GGUFValueType.ARRAY:
         raise ValueError(f"unknown GGUF value type {kv.type}")
     head = struct.pack("<IQ", kv.item_type, len(kv.value))
+    if kv.raw is not None:  # unchanged since it was read: write its bytes back as they were
+        return head + kv.raw
     if kv.item_type == GGUFValueType.STRING:
         return head + b"".join(_pack_string(s) for s in kv.value)
     return head + np.asarray(kv.value, dtype=_NP_SCALARS[kv.item_type]).tobytes()

@@ -34,6 +34,20 @@ def source_sha256(reader: ModelReader) -> str:
     return h.hexdigest()
 
 
+def quick_fingerprint(reader: ModelReader) -> dict[str, Any]:
+    """Identity of the source without reading all of it (for checkpoint keys): each file's name,
+    size, mtime and inode, and a hash of the tensor index (names, types, shapes, offsets)."""
+    path = reader.path
+    files = [path] if path.is_file() else sorted({f.path for f in getattr(reader, "_files", {}).values()})
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append([f.name, st.st_size, st.st_mtime_ns, st.st_ino])
+    index = hashlib.sha256(repr([(t.name, t.dtype, t.shape, t.offset, t.nbytes)
+                                 for t in reader.tensors.values()]).encode()).hexdigest()
+    return {"files": stats, "index_sha256": index}
+
+
 def provenance(reader: ModelReader, source_hash: str, **extra: Any) -> dict[str, Any]:
     """`quantcli.*` keys recorded in every file quantcli writes."""
     meta: dict[str, Any] = {

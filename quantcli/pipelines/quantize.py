@@ -30,7 +30,8 @@ from quantcli.errors import InputError, QuantcliError, UsageError
 from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
 from quantcli.formats.atomic import atomic_write, check_output
 from quantcli.formats.base import KV
-from quantcli.pipelines.common import Progress, ProgressFn, progress_or_noop, source_sha256
+from quantcli.pipelines.common import (Progress, ProgressFn, progress_or_noop, quick_fingerprint,
+                                       source_sha256)
 from quantcli.pipelines.report import layer_of
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
@@ -320,8 +321,10 @@ def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
 
 def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) -> int:
     ckpt_dir = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
-    source_hash = source_sha256(reader)
-    key = {"input_sha256": source_hash, "plan_sha256": plan_hash, "quantcli": quantcli.__version__,
+    # the full sha256 of a large input takes a while: hash it on a thread while quantizing; the
+    # checkpoint key uses a quick fingerprint (sizes, mtimes, inodes, tensor index) instead
+    source_hash = _Background(source_sha256, reader)
+    key = {"input": quick_fingerprint(reader), "plan_sha256": plan_hash, "quantcli": quantcli.__version__,
            "gguf": _gguf_version(), "imatrix_sha256": _file_hash(opts.imatrix),
            "override_kv": list(opts.override_kv), "profile_sha256": _file_hash(opts.profile)}
     checkpoint.ensure_dir(ckpt_dir)
@@ -329,7 +332,6 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     date = _run_date(store)
     if store.extra.get("date") != date:
         store.set_extra(date=date)
-    meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash, plan_hash, date)
 
     n_threads = opts.threads or os.cpu_count() or 1
     units = units_of(plan)
@@ -356,6 +358,7 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
             step(Progress("tensor", done_n, len(plan), tensors[-1].info.name, done_in, total_in))
 
     tensors = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
+    meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
     with atomic_write(opts.output) as out:
         writer = GGUFWriter(out, meta, tensors, alignment=getattr(reader, "alignment", 32))
         for label, group in units:
@@ -369,6 +372,30 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     if not opts.keep_checkpoints:
         store.remove()
     return resumed
+
+
+class _Background:
+    """fn(*args) on a daemon thread (an interrupted run does not wait for it at exit)."""
+
+    def __init__(self, fn: Callable, *args: Any) -> None:
+        import threading
+
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _file_hash(path: Path | None) -> str | None:
