@@ -79,7 +79,8 @@ class CheckpointStore:
         self.units, self.extra = {}, {}
         if self.dir.is_dir():
             for p in self.dir.iterdir():
-                if p.is_file() and (p.name == MANIFEST or p.name.startswith(("unit-", ".unit-"))):
+                if p.is_file() and (p.name in (MANIFEST, "output.partial")
+                                    or p.name.startswith(("unit-", ".unit-", ".manifest"))):
                     p.unlink()
 
     def _save(self) -> None:
@@ -121,6 +122,19 @@ class CheckpointStore:
             w = _HashingWriter(fh)
             yield w
         self.units[unit] = {"sha256": w.hash.hexdigest(), "bytes": w.size}
+        self._save()
+
+    def record(self, unit: str, entry: dict[str, Any]) -> None:
+        """Record a unit whose bytes live elsewhere (e.g. a range of a partial output file)."""
+        self.units[unit] = entry
+        self._save()
+
+    def drop(self, unit: str) -> None:
+        if self.units.pop(unit, None) is not None:
+            self._save()
+
+    def forget_units(self) -> None:
+        self.units = {}
         self._save()
 
     def remove(self) -> None:

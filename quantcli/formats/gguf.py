@@ -304,6 +304,31 @@ def kv_of(value: Any) -> KV:
     raise TypeError(f"cannot store {type(value).__name__} in GGUF metadata")
 
 
+def gguf_layout(metadata: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]],
+                alignment: int = DEFAULT_ALIGNMENT) -> tuple[bytes, list[tuple[int, int]], int]:
+    """A GGUF v3 file's header (padded to the alignment), each tensor's (offset from the data start,
+    byte count), and the data section's size."""
+    meta = {k: kv_of(v) for k, v in metadata.items()}
+    if alignment != DEFAULT_ALIGNMENT:
+        meta["general.alignment"] = KV(GGUFValueType.UINT32, alignment)
+    else:
+        meta.pop("general.alignment", None)
+    parts = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(meta))]
+    for key, kv in meta.items():
+        parts += [_pack_string(key), struct.pack("<I", kv.type), _pack_value(kv)]
+    layout = []
+    offset = 0
+    for name, shape, qtype in tensors:
+        ne = [int(d) for d in reversed(shape)]
+        nbytes = type_nbytes(qtype, ne)
+        parts += [_pack_string(name), struct.pack("<I", len(ne)),
+                  struct.pack(f"<{len(ne)}Q", *ne), struct.pack("<IQ", int(qtype), offset)]
+        layout.append((offset, nbytes))
+        offset += -(-nbytes // alignment) * alignment
+    header = b"".join(parts)
+    return header + b"\0" * (-len(header) % alignment), layout, offset
+
+
 class GGUFWriter:
     """Writes a GGUF v3 file: header first (all tensor infos known up front), then the tensors'
     bytes one at a time, so memory holds one tensor, not the model.
@@ -317,25 +342,9 @@ class GGUFWriter:
                  tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]],
                  alignment: int = DEFAULT_ALIGNMENT) -> None:
         self.fh, self.alignment = fh, alignment
-        meta = {k: kv_of(v) for k, v in metadata.items()}
-        if alignment != DEFAULT_ALIGNMENT:
-            meta["general.alignment"] = KV(GGUFValueType.UINT32, alignment)
-        else:
-            meta.pop("general.alignment", None)
-        parts = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(tensors), len(meta))]
-        for key, kv in meta.items():
-            parts += [_pack_string(key), struct.pack("<I", kv.type), _pack_value(kv)]
-        self.plan: list[tuple[str, int]] = []
-        offset = 0
-        for name, shape, qtype in tensors:
-            ne = [int(d) for d in reversed(shape)]
-            nbytes = type_nbytes(qtype, ne)
-            parts += [_pack_string(name), struct.pack("<I", len(ne)),
-                      struct.pack(f"<{len(ne)}Q", *ne), struct.pack("<IQ", int(qtype), offset)]
-            self.plan.append((name, nbytes))
-            offset += -(-nbytes // alignment) * alignment
-        header = b"".join(parts)
-        fh.write(header + b"\0" * (-len(header) % alignment))
+        header, offsets, _ = gguf_layout(metadata, tensors, alignment)
+        self.plan = [(name, nbytes) for (name, _, _), (_, nbytes) in zip(tensors, offsets)]
+        fh.write(header)
         self._next = 0
 
     def write_tensor(self, name: str, data: np.ndarray) -> None:

@@ -10,9 +10,11 @@ publish atomically -> remove the checkpoints.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,8 +28,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 import quantcli
 from quantcli import checkpoint, codecs, presets
 from quantcli.calibrate import imatrix_file
-from quantcli.errors import InputError, QuantcliError, UsageError
-from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
+from quantcli.errors import InputError, OutputError, QuantcliError, UsageError
+from quantcli.formats import ModelReader, TensorInfo, open_model
+from quantcli.formats.gguf import gguf_layout
 from quantcli.formats.atomic import atomic_write, check_output
 from quantcli.formats.base import KV
 from quantcli.pipelines.common import (Progress, ProgressFn, progress_or_noop, quick_fingerprint,
@@ -320,6 +323,11 @@ def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
 
 
 def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) -> int:
+    """Quantize unit by unit straight into `output.partial` in the checkpoint directory, at the
+    offsets the plan fixes; after each unit, fsync and record its byte range and sha256 in the
+    manifest. A re-run verifies the recorded ranges and does only the rest. At the end the header
+    is written and the file renamed onto the output (copied, if the checkpoint directory is on
+    another file system)."""
     ckpt_dir = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
     # the full sha256 of a large input takes a while: hash it on a thread while quantizing; the
     # checkpoint key uses a quick fingerprint (sizes, mtimes, inodes, tensor index) instead
@@ -333,45 +341,111 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     if store.extra.get("date") != date:
         store.set_extra(date=date)
 
+    alignment = getattr(reader, "alignment", 32)
+    tensors = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
+    # the provenance hash is not known yet; a placeholder of the same length fixes the layout
+    draft = output_metadata(reader, opts, preset, ftype, imatrix, "0" * 64, plan_hash, date)
+    header, layout, data_size = gguf_layout(draft, tensors, alignment)
+    start_of = {p.info.name: len(header) + off for p, (off, _) in zip(plan, layout)}
+    padded = {p.info.name: -(-n // alignment) * alignment for p, (_, n) in zip(plan, layout)}
+
+    partial = ckpt_dir / PARTIAL
+    if not store.units and partial.exists():
+        partial.unlink()  # left by a run whose checkpoints were not usable
     n_threads = opts.threads or os.cpu_count() or 1
     units = units_of(plan)
     total_in = sum(p.info.nbytes for p in plan)
     done_in, done_n, resumed = 0, 0, 0
-    fresh: set[str] = set()  # units written by this run: their hash was computed as they were written
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
-        for label, tensors in units:
-            if store.get(label) is not None:
-                resumed += 1
-            else:
-                fresh.add(label)
-                with store.put(label) as fh:
-                    for p in tensors:
-                        imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
-                        fh.write(np.ascontiguousarray(quantize_tensor(reader, p, imp, pool, n_threads)))
-                        done_in += p.info.nbytes
-                        done_n += 1
-                        step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))
-                continue
-            done_in += sum(p.info.nbytes for p in tensors)
-            done_n += len(tensors)
-            step(Progress("tensor", done_n, len(plan), tensors[-1].info.name, done_in, total_in))
-
-    tensors = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
-    meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
-    with atomic_write(opts.output) as out:
-        writer = GGUFWriter(out, meta, tensors, alignment=getattr(reader, "alignment", 32))
-        for label, group in units:
-            path = store.path(label) if label in fresh else store.get(label)
-            if path is None:
-                raise InputError(f"checkpoint {store.path(label)} changed during the run")
-            with open(path, "rb") as fh:
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        os.ftruncate(fd, len(header) + data_size)
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
+            for label, group in units:
+                first = start_of[group[0].info.name]
+                if _unit_intact(fd, store, label, first):
+                    resumed += 1
+                    done_in += sum(p.info.nbytes for p in group)
+                    done_n += len(group)
+                    step(Progress("tensor", done_n, len(plan), group[-1].info.name, done_in, total_in))
+                    continue
+                digest, size = hashlib.sha256(), 0
                 for p in group:
-                    writer.write_tensor(p.info.name, np.frombuffer(fh.read(p.nbytes), dtype=np.uint8))
-        writer.finish()
+                    imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
+                    data = np.ascontiguousarray(quantize_tensor(reader, p, imp, pool, n_threads))
+                    chunk = data.reshape(-1).view(np.uint8).tobytes() + b"\0" * (padded[p.info.name] - p.nbytes)
+                    _pwrite_all(fd, chunk, start_of[p.info.name])
+                    digest.update(chunk)
+                    size += len(chunk)
+                    done_in += p.info.nbytes
+                    done_n += 1
+                    step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))
+                os.fsync(fd)
+                store.record(label, {"start": first, "bytes": size, "sha256": digest.hexdigest()})
+        meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
+        final_header, _, _ = gguf_layout(meta, tensors, alignment)
+        if len(final_header) != len(header):
+            raise OutputError(f"{opts.output}: internal error: header length changed")
+        _pwrite_all(fd, final_header, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    publish(partial, opts.output)
     if not opts.keep_checkpoints:
         store.remove()
+    elif not partial.exists():
+        store.forget_units()  # the data moved to the output; keep only the manifest's key
     return resumed
+
+
+PARTIAL = "output.partial"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _unit_intact(fd: int, store: checkpoint.CheckpointStore, label: str, start: int) -> bool:
+    """The unit is recorded for this key and its bytes in the partial file still hash right."""
+    entry = store.units.get(label)
+    if entry is None:
+        return False
+    if entry.get("start") == start:
+        digest, left, pos = hashlib.sha256(), entry["bytes"], start
+        while left > 0:
+            block = os.pread(fd, min(left, 8 << 20), pos)
+            if not block:
+                break
+            digest.update(block)
+            left -= len(block)
+            pos += len(block)
+        if left == 0 and digest.hexdigest() == entry["sha256"]:
+            return True
+    store.log(f"checkpointed unit {label} fails its sha256 check; recomputing it")
+    store.drop(label)
+    return False
+
+
+def publish(partial: Path, output: Path) -> None:
+    """Rename the finished file onto the output; across file systems, copy it atomically."""
+    try:
+        os.replace(partial, output)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise OutputError(f"{output}: cannot move the finished file into place: {exc.strerror}") from None
+        with atomic_write(output) as out, open(partial, "rb") as src:
+            shutil.copyfileobj(src, out, 16 << 20)
+        partial.unlink()
+        return
+    with contextlib.suppress(OSError):
+        dfd = os.open(output.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 class _Background:
