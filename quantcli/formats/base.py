@@ -95,6 +95,31 @@ class ModelReader:
             return self.raw(name).view("<f4").reshape(info.shape)
         return decode_to_f32(self.raw(name), info, self.path)
 
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Stored bytes of rows [start, stop) (the tensor seen as (rows, row length))."""
+        info = self.info(name)
+        cols = info.shape[-1] if info.shape else 1
+        n_rows = max(info.n_params // max(cols, 1), 1)
+        row_bytes = info.nbytes // n_rows
+        return self.raw(name)[start * row_bytes:stop * row_bytes]
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """float32 rows [start, stop) of the tensor seen as (rows, row length); F32 without a copy."""
+        from dataclasses import replace
+
+        from quantcli.formats.dtypes import decode_to_f32
+
+        info = self.info(name)
+        cols = info.shape[-1] if info.shape else 1
+        raw = self.raw_rows(name, start, stop)
+        if info.dtype == "F32":
+            return raw.view("<f4").reshape(stop - start, cols)
+        part = replace(info, shape=(stop - start, cols), nbytes=raw.size)
+        return decode_to_f32(raw, part, self.path)
+
+    def release(self, name: str) -> None:
+        """Let the OS drop the tensor's mapped pages from this process (after reading it)."""
+
     def summary(self) -> dict[str, Any]:
         """Architecture, layer count, context and vocabulary size, where the file says them."""
         arch = self.architecture

@@ -9,6 +9,7 @@ the data memory-mapped, so a truncated file gives an error instead of SIGBUS.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -244,6 +245,14 @@ class GGUFReader(ModelReader):
         info = self.info(name)
         assert self._mmap is not None
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def release(self, name: str) -> None:
+        info = self.info(name)
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            page = mmap.PAGESIZE
+            start = info.offset // page * page
+            with contextlib.suppress(OSError, ValueError):
+                self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def close(self) -> None:
         # views handed out keep the mapping alive; closing only drops our references

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -240,32 +240,45 @@ def units_of(plan: list[PlannedTensor]) -> list[tuple[str, list[PlannedTensor]]]
     return units
 
 
+CHUNK_BYTES = 32 << 20  # float32 input per slice of rows: memory is this, not the tensor
+
+
 def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
                     pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
-    """One tensor's output bytes; rows are split across threads (identical bytes for any count)."""
-    if p.copy:
-        return np.asarray(reader.raw(p.info.name))
-    x = reader.load_f32(p.info.name, copy=False)
-    cols = x.shape[-1] if x.ndim else 1
-    rows = x.reshape(-1, cols)
-    n_mat = rows.shape[0] // (x.shape[-2] if x.ndim >= 2 else 1)  # experts in a 3-D tensor
-    per_row_imp = None
-    if importance is not None:
-        if importance.size == cols * n_mat:
-            per_row_imp = importance.reshape(n_mat, cols)
-        else:
-            raise InputError(f"imatrix entry for '{p.info.name}' has {importance.size} values, "
+    """One tensor's output bytes (all of them: for tests and small tensors)."""
+    return np.concatenate([np.frombuffer(c, np.uint8) for c in
+                           quantize_chunks(reader, p, importance, pool, n_threads)] or [np.zeros(0, np.uint8)])
+
+
+def quantize_chunks(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
+                    pool: ThreadPoolExecutor | None, n_threads: int) -> Iterator[bytes]:
+    """A tensor's output bytes in order, a slice of rows at a time, so memory holds one slice (a few
+    tens of MB) rather than the tensor; rows are split across threads (same bytes for any count)."""
+    info = p.info
+    cols = info.shape[-1] if info.shape else 1
+    n_rows = info.n_params // max(cols, 1)
+    rows_per_mat = info.shape[-2] if len(info.shape) >= 2 else 1
+    n_mat = max(n_rows // max(rows_per_mat, 1), 1)  # experts in a 3-D tensor
+    per_mat_imp = None
+    if importance is not None and not p.copy:
+        if importance.size != cols * n_mat:
+            raise InputError(f"imatrix entry for '{info.name}' has {importance.size} values, "
                              f"expected {cols * n_mat}")
-    rows_per_mat = rows.shape[0] // n_mat
-    parts = []
+        per_mat_imp = importance.reshape(n_mat, cols)
+    step = max(1, CHUNK_BYTES // (4 * max(cols, 1)))
     try:
         for m in range(n_mat):
-            mat = rows[m * rows_per_mat:(m + 1) * rows_per_mat]
-            imp = per_row_imp[m] if per_row_imp is not None else None
-            parts.append(_quantize_rows(mat, p.type, imp, pool, n_threads))
+            imp = per_mat_imp[m] if per_mat_imp is not None else None
+            for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
+                b = min(a + step, (m + 1) * rows_per_mat)
+                if p.copy:
+                    yield reader.raw_rows(info.name, a, b).tobytes()
+                else:
+                    x = reader.load_rows(info.name, a, b)
+                    yield _quantize_rows(x, p.type, imp, pool, n_threads).tobytes()
+                reader.release(info.name)
     except QuantcliError as exc:
-        raise type(exc)(f"tensor '{p.info.name}': {exc.message}", exc.hint) from None
-    return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        raise type(exc)(f"tensor '{info.name}': {exc.message}", exc.hint) from None
 
 
 def _quantize_rows(x: np.ndarray, type_name: str, imp: np.ndarray | None,
@@ -372,11 +385,18 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
                 digest, size = hashlib.sha256(), 0
                 for p in group:
                     imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
-                    data = np.ascontiguousarray(quantize_tensor(reader, p, imp, pool, n_threads))
-                    chunk = data.reshape(-1).view(np.uint8).tobytes() + b"\0" * (padded[p.info.name] - p.nbytes)
-                    _pwrite_all(fd, chunk, start_of[p.info.name])
-                    digest.update(chunk)
-                    size += len(chunk)
+                    pos = start_of[p.info.name]
+                    for chunk in quantize_chunks(reader, p, imp, pool, n_threads):
+                        _pwrite_all(fd, chunk, pos)
+                        digest.update(chunk)
+                        pos += len(chunk)
+                    if pos - start_of[p.info.name] != p.nbytes:
+                        raise OutputError(f"tensor '{p.info.name}': wrote {pos - start_of[p.info.name]} "
+                                          f"bytes, its type needs {p.nbytes}")
+                    pad = b"\0" * (padded[p.info.name] - p.nbytes)
+                    _pwrite_all(fd, pad, pos)
+                    digest.update(pad)
+                    size += padded[p.info.name]
                     done_in += p.info.nbytes
                     done_n += 1
                     step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))

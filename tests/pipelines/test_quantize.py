@@ -144,7 +144,7 @@ def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
     qp.run(qp.QuantizeOptions(tiny, ref, "Q4_K_M"))
     out = tmp_path / "o.gguf"
     calls = {"n": 0}
-    real = qp.quantize_tensor
+    real = qp.quantize_chunks
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -152,11 +152,11 @@ def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qp, "quantize_tensor", dying)
+    monkeypatch.setattr(qp, "quantize_chunks", dying)
     with pytest.raises(KeyboardInterrupt):
         qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
     assert not out.exists() and (tmp_path / "o.gguf.checkpoints" / "manifest.json").exists()
-    monkeypatch.setattr(qp, "quantize_tensor", real)
+    monkeypatch.setattr(qp, "quantize_chunks", real)
     res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
     assert res.resumed_units >= 1
     assert out.read_bytes() == ref.read_bytes()
