@@ -3,7 +3,7 @@ statistics) is a file in a checkpoint directory, recorded in `manifest.json` wit
 
 A checkpoint is used only when its manifest's key (input fingerprint, plan hash, quantcli and gguf
 versions, ...) equals this run's and the unit's bytes still hash to what the manifest says; anything
-else is reported through `log` and recomputed. Every file is written atomically (temp + fsync +
+else is reported through `log` and recomputed. Every file is written atomically (temp +
 rename), the manifest last, so a SIGKILL at any moment leaves either the old or the new state.
 """
 
@@ -86,7 +86,7 @@ class CheckpointStore:
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         doc = {"format": FORMAT, "key": self.key, "extra": self.extra, "units": self.units}
-        with atomic_write(self.dir / MANIFEST) as fh:
+        with atomic_write(self.dir / MANIFEST, durable=False) as fh:
             fh.write(json.dumps(doc, indent=1, sort_keys=True).encode())
 
     def set_extra(self, **values: Any) -> None:

@@ -37,9 +37,11 @@ def _describe(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def atomic_write(out: Path) -> Iterator[BinaryIO]:
+def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a file in out's directory; on success fsync and rename it to `out`, on any error
-    or interrupt remove it so nothing appears under the final name."""
+    or interrupt remove it so nothing appears under the final name. durable=False skips the fsyncs:
+    still all-or-nothing if the process dies, not across a power cut (for checkpoint bookkeeping,
+    which is verified by hash before use anyway)."""
     out = Path(out)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
@@ -50,7 +52,8 @@ def atomic_write(out: Path) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, out)
     except OSError as exc:
         _remove(tmp)
@@ -58,6 +61,8 @@ def atomic_write(out: Path) -> Iterator[BinaryIO]:
     except BaseException:
         _remove(tmp)
         raise
+    if not durable:
+        return
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(out.parent, os.O_RDONLY)
         try:
