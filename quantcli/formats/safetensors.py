@@ -97,7 +97,7 @@ class _SafetensorsFile:
             entries.append((offsets[0], offsets[1], name, dtype, tuple(shape), nbytes))
         entries.sort()
         pos = 0
-        for begin, end, name, dtype, shape, nbytes in entries:
+        for begin, end, name, _dtype, _shape, _nbytes in entries:
             if begin != pos:
                 why = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
                 raise self.fail(f"tensor '{name}' at offset {begin} {why} (expected {pos})")

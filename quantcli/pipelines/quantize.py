@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 import quantcli
 from quantcli import checkpoint, codecs, presets
 from quantcli.calibrate import imatrix_file
 from quantcli.errors import InputError, OutputError, QuantcliError, UsageError
 from quantcli.formats import ModelReader, TensorInfo, open_model
-from quantcli.formats.gguf import gguf_layout
+from quantcli.formats.gguf import gguf_layout, type_nbytes
 from quantcli.formats.atomic import atomic_write, check_output
 from quantcli.formats.base import KV
 from quantcli.pipelines.common import (Progress, ProgressFn, progress_or_noop, quick_fingerprint,
@@ -109,9 +109,7 @@ class QuantizeResult:
 def _tensor_bytes(info: TensorInfo, type_name: str) -> int:
     if type_name == info.dtype:
         return info.nbytes
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
-    cols = info.shape[-1] if info.shape else 1
-    return info.n_params // cols * (cols // block) * size
+    return type_nbytes(GGMLQuantizationType[type_name], info.gguf_shape)
 
 
 def make_plan(reader: ModelReader, opts: QuantizeOptions, imatrix: imatrix_file.Imatrix | None,

@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from quantcli.errors import QuantcliError
 from quantcli.formats import ModelReader, open_model
+from quantcli.formats.gguf import type_nbytes
 
 SCHEMA = "quantcli.verify/1"
 ORDER = [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F16, Q.F32]
@@ -63,9 +64,7 @@ def _size_contract(reader: ModelReader) -> Check:
     for info in reader.tensors.values():
         if info.ggml_type is None or info.ggml_type not in GGML_QUANT_SIZES:
             continue
-        block, size = GGML_QUANT_SIZES[info.ggml_type]
-        cols = info.shape[-1] if info.shape else 1
-        if info.nbytes != info.n_params // max(cols, 1) * (cols // block) * size:
+        if info.nbytes != type_nbytes(info.ggml_type, info.gguf_shape):
             bad.append(info.name)
     figure = {t.name: round(per_param[t], 6) for t in ORDER}
     detail = "bytes/param " + " < ".join(f"{t.name} {per_param[t]:.4f}" for t in ORDER)

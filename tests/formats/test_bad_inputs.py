@@ -4,7 +4,6 @@ code 3, no traceback, no output file — quickly and in little memory (run as a 
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
