@@ -246,6 +246,22 @@ class GGUFReader(ModelReader):
         assert self._mmap is not None
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) read with pread into a fresh buffer: cheaper than faulting in the
+        mapped pages one by one, and the memory goes away with the buffer."""
+        info = self.info(name)
+        cols = info.shape[-1] if info.shape else 1
+        row_bytes = info.nbytes // max(info.n_params // max(cols, 1), 1)
+        out = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+        assert self._file is not None
+        fd, pos, view = self._file.fileno(), info.offset + start * row_bytes, memoryview(out)
+        while view:
+            n = os.preadv(fd, [view], pos)
+            if n <= 0:
+                raise InputError(f"{self.path}: tensor '{name}' is cut short (file changed while reading?)")
+            view, pos = view[n:], pos + n
+        return out
+
     def release(self, name: str) -> None:
         info = self.info(name)
         if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
