@@ -167,3 +167,44 @@ def test_real_model_matches_llama_imatrix(real_f32, tmp_path):
         assert got.entries[name].counts.tolist() == e.counts.tolist()
         rel = np.linalg.norm(got.entries[name].sums - e.sums) / np.linalg.norm(e.sums)
         assert rel < 0.01, name
+
+
+def test_sigkill_at_random_moments_then_resume_writes_the_same_file(tmp_path):
+    """SIGKILL `quantcli imatrix` at random moments; each re-run resumes from the layer checkpoints
+    and the final file equals an uninterrupted run's, byte for byte."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = write_model(tmp_path / "m.gguf", "gemma3", n_layer=6, n_embd=256, n_head=4, n_head_kv=2,
+                        head_dim=64, n_ff=1024, sliding_window=64)
+    text = tmp_path / "t.txt"
+    text.write_text("In the beginning God created the heaven and the earth. And the earth was without form. " * 800)
+
+    def cli(out):
+        return subprocess.Popen([sys.executable, "-m", "quantcli", "imatrix", str(model), "-f", str(text),
+                                 "-o", str(out), "--ctx", "256", "--chunks", "24", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                cwd=Path(__file__).resolve().parents[2], env=os.environ.copy())
+
+    ref = tmp_path / "ref.gguf"
+    t0 = time.perf_counter()
+    p = cli(ref)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    full = time.perf_counter() - t0
+    out = tmp_path / "out.gguf"
+    rng = random.Random(7)
+    for _ in range(8):
+        p = cli(out)
+        time.sleep(rng.uniform(0.3, full))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        assert not out.exists() or out.read_bytes() == ref.read_bytes()
+        if out.exists():
+            out.unlink()
+    p = cli(out)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    assert out.read_bytes() == ref.read_bytes()
