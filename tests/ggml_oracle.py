@@ -64,3 +64,14 @@ def quantize(x: np.ndarray, qtype: GGMLQuantizationType, importance: np.ndarray 
     lib.ggml_quantize_init(int(qtype))
     lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, imp)
     return out
+
+
+def block_mismatches(qtype: str, x: np.ndarray, importance: np.ndarray | None = None) -> str:
+    """'' when quantcli's bytes equal ggml's for every block, else how many blocks differ."""
+    from quantcli import codecs
+
+    ref = quantize(x, codecs.resolve_type(qtype), importance)
+    out = codecs.quantize(x, qtype, importance)
+    size = codecs.get_codec(qtype).type_size
+    differ = (out.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
+    return "" if not differ.any() else f"{differ.sum()} of {differ.size} blocks differ (first {np.argmax(differ)})"

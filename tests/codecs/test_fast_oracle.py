@@ -66,12 +66,6 @@ def make_rows(rng: np.random.Generator, kind: str, qtype: str, rows: int, cols: 
     return x.astype(np.float32)
 
 
-def mismatch(qtype: str, x: np.ndarray, importance: np.ndarray | None) -> str:
-    ref = ggml_oracle.quantize(x, codecs.resolve_type(qtype), importance)
-    out = codecs.quantize(x, qtype, importance)
-    size = codecs.get_codec(qtype).type_size
-    differ = (out.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
-    return "" if not differ.any() else f"{differ.sum()} of {differ.size} blocks differ"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -83,7 +77,7 @@ def test_fast_types_match_ggml(oracle, qtype, kind):
         x = make_rows(rng, kind, qtype, 5, cols)
         # ggml ignores importance for all but the legacy types (whose weighted path is elsewhere)
         for imp in [None] if legacy else [None, rng.random(cols).astype(np.float32)]:
-            problem = mismatch(qtype, x, imp)
+            problem = ggml_oracle.block_mismatches(qtype, x, imp)
             weighted = imp is not None
             assert not problem, f"{qtype} {kind} cols={cols} importance={weighted}: {problem}"
 
@@ -101,7 +95,7 @@ def test_mxfp4_exponent_next_to_every_power_of_two(oracle):
     x = rng.uniform(-1, 1, (amax.size, 32)).astype(np.float32) * amax[:, None]
     x[:, 0] = amax * rng.choice([-1, 1], amax.size)
     x = x[: x.shape[0] // 32 * 32].reshape(-1, 1024)  # (rows, 32 blocks)
-    problem = mismatch("MXFP4", x, None)
+    problem = ggml_oracle.block_mismatches("MXFP4", x, None)
     assert not problem, f"MXFP4 near powers of two: {problem}"
 
 
@@ -109,7 +103,7 @@ def test_mxfp4_exponent_next_to_every_power_of_two(oracle):
 def test_many_rows_match_ggml(oracle, qtype):
     rng = np.random.default_rng([11, FAST_TYPES.index(qtype)])
     x = make_rows(rng, "gauss", qtype, 67, 768)
-    problem = mismatch(qtype, x, None)
+    problem = ggml_oracle.block_mismatches(qtype, x, None)
     assert not problem, f"{qtype} (67, 768): {problem}"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcli import codecs
 from tests import ggml_oracle
 
 TYPES = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
@@ -42,12 +41,6 @@ def make_rows(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.n
     return x.astype(np.float32)
 
 
-def block_mismatches(qtype: str, x: np.ndarray, importance: np.ndarray | None) -> str:
-    ref = ggml_oracle.quantize(x, codecs.resolve_type(qtype), importance)
-    out = codecs.quantize(x, qtype, importance)
-    size = codecs.get_codec(qtype).type_size
-    differ = (out.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
-    return "" if not differ.any() else f"{differ.sum()} of {differ.size} blocks differ"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -63,6 +56,6 @@ def test_matches_ggml(qtype, kind):
             (rng.standard_normal(cols) ** 2 * 1e3).astype(np.float32) * (rng.random(cols) < 0.7),
         ]
         for imp in importance:
-            problem = block_mismatches(qtype, x, imp)
+            problem = ggml_oracle.block_mismatches(qtype, x, imp)
             where = f"{qtype} {kind} cols={cols} importance={imp is not None}"
             assert not problem, f"{where}: {problem}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcli import codecs
 from tests import ggml_oracle
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -64,12 +63,6 @@ def importances(rng: np.random.Generator, cols: int) -> list[np.ndarray | None]:
     ]
 
 
-def mismatch(qtype: str, x: np.ndarray, importance: np.ndarray | None) -> str:
-    ref = ggml_oracle.quantize(x, codecs.resolve_type(qtype), importance)
-    out = codecs.quantize(x, qtype, importance)
-    size = codecs.get_codec(qtype).type_size
-    differ = (out.reshape(-1, size) != ref.reshape(-1, size)).any(axis=1)
-    return "" if not differ.any() else f"{differ.sum()} of {differ.size} blocks differ"
 
 
 def check(qtype: str, kind: str, cols_options: list[int], seed: int) -> None:
@@ -77,7 +70,7 @@ def check(qtype: str, kind: str, cols_options: list[int], seed: int) -> None:
     for cols in cols_options:
         x = make_rows(rng, kind, 4, cols)
         for imp in importances(rng, cols):
-            problem = mismatch(qtype, x, imp)
+            problem = ggml_oracle.block_mismatches(qtype, x, imp)
             weighted = imp is not None
             assert not problem, f"{qtype} {kind} cols={cols} importance={weighted}: {problem}"
 
@@ -104,5 +97,5 @@ def test_many_rows_match_ggml(qtype):
     rng = np.random.default_rng([9, (K_TYPES + LEGACY_TYPES).index(qtype)])
     x = make_rows(rng, "heavy", 67, 768)
     for imp in (None, rng.random(768).astype(np.float32)):
-        problem = mismatch(qtype, x, imp)
+        problem = ggml_oracle.block_mismatches(qtype, x, imp)
         assert not problem, f"{qtype} (67, 768) importance={imp is not None}: {problem}"
