@@ -63,6 +63,9 @@ class HFModelView(ModelReader):
 
     format = "hf"
 
+    _cache: np.ndarray | None = None
+    _cache_key: tuple[str, str] | None = None
+
     def __init__(self, source: ModelReader) -> None:
         super().__init__(source.path)
         self.source = source
@@ -169,6 +172,37 @@ class HFModelView(ModelReader):
     def load_f32(self, name: str) -> np.ndarray:
         self.info(name)
         return self._materialize(name, "F32")
+
+    # Slices of rows (what quantize streams): untouched tensors come straight from the checkpoint;
+    # a changed tensor is built once and sliced until `release`.
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        plan = self._plans[self.info(name).name]
+        if plan.source is not None and not plan.ops:
+            return self.source.raw_rows(plan.source, start, stop)
+        return self._built(name, "raw")[start:stop].reshape(-1).view(np.uint8)
+
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        plan = self._plans[self.info(name).name]
+        if plan.source is not None and not plan.ops:
+            return self.source.load_rows(plan.source, start, stop)
+        return self._built(name, "F32")[start:stop]
+
+    def _built(self, name: str, kind: str) -> np.ndarray:
+        """The changed tensor as (rows, row length), kept while its slices are read."""
+        if self._cache_key != (name, kind):
+            self._cache = None  # drop the previous one before building the next
+            info = self.info(name)
+            cols = info.shape[-1] if info.shape else 1
+            data = self._materialize(name, "F32" if kind == "F32" else info.dtype)
+            self._cache, self._cache_key = data.reshape(-1, cols), (name, kind)
+        return self._cache
+
+    def release(self, name: str) -> None:
+        plan = self._plans.get(name)
+        if self._cache_key is not None and self._cache_key[0] == name:
+            self._cache, self._cache_key = None, None
+        if plan is not None and plan.source is not None:
+            self.source.release(plan.source)
 
     def transforms(self, name: str) -> tuple:
         """The changes applied to a tensor on load (empty: its bytes are the checkpoint's)."""

@@ -118,6 +118,18 @@ class _SafetensorsFile:
             return np.zeros(0, dtype=np.uint8)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def read(self, offset: int, nbytes: int) -> np.ndarray:
+        """`nbytes` at `offset` into a fresh buffer (pread: no mapped pages left resident)."""
+        out = np.empty(nbytes, dtype=np.uint8)
+        view, pos = memoryview(out), offset
+        with open(self.path, "rb", buffering=0) as fh:
+            while view:
+                n = os.preadv(fh.fileno(), [view], pos)
+                if n <= 0:
+                    raise InputError(f"{self.path}: file is cut short (changed while reading?)")
+                view, pos = view[n:], pos + n
+        return out
+
 
 def _config_kv(config: dict[str, Any]) -> dict[str, KV]:
     """config.json flattened to `hf.<key>` metadata (scalars and string lists only)."""
@@ -214,6 +226,12 @@ class SafetensorsReader(ModelReader):
     def raw(self, name: str) -> np.ndarray:
         info = self.info(name)
         return self._owner[name].raw(info)
+
+    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        info = self.info(name)
+        cols = info.shape[-1] if info.shape else 1
+        row_bytes = info.nbytes // max(info.n_params // max(cols, 1), 1)
+        return self._owner[name].read(info.offset + start * row_bytes, (stop - start) * row_bytes)
 
     def close(self) -> None:
         for f in self._files.values():
