@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 
 import quantcli
-from quantcli.formats import ModelReader
+from quantcli.formats import ModelReader, open_model
 from quantcli.progress import Progress, ProgressFn, progress_or_noop  # noqa: F401  (re-exported)
 
 
@@ -48,20 +49,42 @@ def quick_fingerprint(reader: ModelReader) -> dict[str, Any]:
     return {"files": stats, "index_sha256": index}
 
 
-def provenance(reader: ModelReader, source_hash: str, **extra: Any) -> dict[str, Any]:
-    """`quantcli.*` keys recorded in every file quantcli writes."""
+def run_date() -> str:
+    """Now, or SOURCE_DATE_EPOCH when set (reproducible builds), as recorded in `quantcli.date`."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def provenance(reader: ModelReader, source_hash: str, date: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`quantcli.*` keys recorded in every file quantcli writes; `extra` adds `quantcli.<key>`."""
     meta: dict[str, Any] = {
         "quantcli.version": quantcli.__version__,
-        "quantcli.gguf_version": getattr(gguf, "__version__", None) or _gguf_version(),
+        "quantcli.gguf_version": gguf_version(),
         "quantcli.source.file": reader.path.name,
         "quantcli.source.sha256": source_hash,
-        "quantcli.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quantcli.date": date or run_date(),
     }
-    meta.update({f"quantcli.{k}": v for k, v in extra.items() if v is not None})
+    meta.update({f"quantcli.{k}": v for k, v in (extra or {}).items() if v is not None})
     return meta
 
 
-def _gguf_version() -> str:
+def gguf_version() -> str:
     from importlib.metadata import version
 
-    return version("gguf")
+    return getattr(gguf, "__version__", None) or version("gguf")
+
+
+def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
+    """The input as a GGUF-shaped model: Hugging Face directories through the converter view."""
+    reader = open_model(path)
+    if reader.format != "safetensors":
+        return reader
+    if getattr(reader, "config", None):
+        from quantcli.convert import hf_to_gguf_view
+
+        return hf_to_gguf_view(reader)
+    warn(f"{path}: no config.json: tensors keep their own names and llama.cpp will not be able to "
+         "run the output")
+    return reader

@@ -22,7 +22,8 @@ from quantcli import codecs
 from quantcli.errors import UsageError
 from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
 from quantcli.formats.atomic import atomic_write, check_output
-from quantcli.pipelines.common import ProgressFn, Progress, progress_or_noop, provenance, source_sha256
+from quantcli.pipelines.common import (Progress, ProgressFn, open_source, progress_or_noop, provenance,
+                                       source_sha256)
 
 OUT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16,
@@ -110,8 +111,6 @@ def _open(path: Path, fmt: str, warn: Callable[[str], None]) -> ModelReader:
     """GGUF output from a Hugging Face directory goes through the converter view (llama.cpp's names,
     layouts and metadata); safetensors output keeps the source's own names."""
     if fmt == "gguf":
-        from quantcli.pipelines.quantize import open_source
-
         return open_source(path, warn)
     return open_model(path)
 

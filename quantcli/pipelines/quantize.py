@@ -18,7 +18,6 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,11 +28,12 @@ import quantcli
 from quantcli import checkpoint, codecs, presets
 from quantcli.calibrate import imatrix_file
 from quantcli.errors import InputError, OutputError, QuantcliError, UsageError
-from quantcli.formats import ModelReader, TensorInfo, open_model
+from quantcli.formats import ModelReader, TensorInfo
 from quantcli.formats.gguf import gguf_layout, type_nbytes
 from quantcli.formats.atomic import atomic_write, check_output
 from quantcli.formats.base import KV
-from quantcli.pipelines.common import (Progress, ProgressFn, progress_or_noop, quick_fingerprint,
+from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, open_source,
+                                       progress_or_noop, provenance, quick_fingerprint, run_date,
                                        source_sha256)
 from quantcli.pipelines.report import layer_of
 
@@ -182,15 +182,6 @@ def parse_override_kv(spec: str) -> tuple[str, KV]:
     raise UsageError(f"--override-kv '{spec}': unknown type '{kind}'", hint="use int, float, bool or str")
 
 
-def _run_date(store: checkpoint.CheckpointStore | None) -> str:
-    """The run's timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), reused on resume."""
-    if store is not None and "date" in store.extra:
-        return store.extra["date"]
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def output_metadata(reader: ModelReader, opts: QuantizeOptions, preset: presets.Preset, ftype: int,
                     imatrix: imatrix_file.Imatrix | None, source_hash: str, plan_hash: str,
                     date: str) -> dict[str, Any]:
@@ -206,18 +197,12 @@ def output_metadata(reader: ModelReader, opts: QuantizeOptions, preset: presets.
     for spec in opts.override_kv:
         key, kv = parse_override_kv(spec)
         meta[key] = kv
-    meta.update({
-        "quantcli.version": KV(GGUFValueType.STRING, quantcli.__version__),
-        "quantcli.source.file": KV(GGUFValueType.STRING, reader.path.name),
-        "quantcli.source.sha256": KV(GGUFValueType.STRING, source_hash),
-        "quantcli.preset": KV(GGUFValueType.STRING, preset.name),
-        "quantcli.plan.sha256": KV(GGUFValueType.STRING, plan_hash),
-        "quantcli.date": KV(GGUFValueType.STRING, date),
-    })
-    if opts.profile is not None:
-        meta["quantcli.profile"] = KV(GGUFValueType.STRING, Path(opts.profile).name)
-        meta["quantcli.profile.sha256"] = KV(GGUFValueType.STRING,
-                                             hashlib.sha256(Path(opts.profile).read_bytes()).hexdigest())
+    profile = Path(opts.profile) if opts.profile is not None else None
+    meta.update(provenance(reader, source_hash, date, {
+        "preset": preset.name, "plan.sha256": plan_hash,
+        "profile": profile.name if profile else None,
+        "profile.sha256": _file_hash(profile),
+    }))
     return meta
 
 
@@ -319,20 +304,6 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
 
 
-def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
-    """The input as a GGUF-shaped model: Hugging Face directories through the converter view."""
-    reader = open_model(path)
-    if reader.format != "safetensors":
-        return reader
-    if getattr(reader, "config", None):
-        from quantcli.convert import hf_to_gguf_view
-
-        return hf_to_gguf_view(reader)
-    warn(f"{path}: no config.json: tensors keep their own names and llama.cpp will not be able to "
-         "run the output")
-    return reader
-
-
 def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) -> int:
     """Quantize unit by unit straight into `output.partial` in the checkpoint directory, at the
     offsets the plan fixes; after each unit, record its byte range and sha256 in the
@@ -344,11 +315,11 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     # checkpoint key uses a quick fingerprint (sizes, mtimes, inodes, tensor index) instead
     source_hash = _Background(source_sha256, reader)
     key = {"input": quick_fingerprint(reader), "plan_sha256": plan_hash, "quantcli": quantcli.__version__,
-           "gguf": _gguf_version(), "imatrix_sha256": _file_hash(opts.imatrix),
+           "gguf": gguf_version(), "imatrix_sha256": _file_hash(opts.imatrix),
            "override_kv": list(opts.override_kv), "profile_sha256": _file_hash(opts.profile)}
     checkpoint.ensure_dir(ckpt_dir)
     store = checkpoint.CheckpointStore(ckpt_dir, key, warn)
-    date = _run_date(store)
+    date = store.extra.get("date") or run_date()  # a resumed run keeps its first timestamp
     if store.extra.get("date") != date:
         store.set_extra(date=date)
 
@@ -491,14 +462,6 @@ class _Background:
 
 
 def _file_hash(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    from quantcli.pipelines.common import file_sha256
-
-    return file_sha256(Path(path))
+    return file_sha256(Path(path)) if path is not None else None
 
 
-def _gguf_version() -> str:
-    from importlib.metadata import version
-
-    return version("gguf")
