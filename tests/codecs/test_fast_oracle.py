@@ -29,12 +29,6 @@ SCALE_DIV = {"Q8_0": 127.0, "TQ1_0": 1.0, "TQ2_0": 1.0, "F16": 1.0, "Q4_0": 8.0,
              "Q4_1": 1.0, "Q5_1": 1.0}
 
 
-@pytest.fixture
-def oracle():
-    if ggml_oracle.load() is None:
-        pytest.skip("libggml-base not found; set QUANTCLI_GGML_LIB to compare with ggml")
-
-
 def make_rows(rng: np.random.Generator, kind: str, qtype: str, rows: int, cols: int) -> np.ndarray:
     """(rows, cols) float32 of one distribution."""
     if kind == "gauss":

@@ -13,7 +13,7 @@ import pytest
 from quantcli import codecs
 from tests import ggml_oracle
 
-pytestmark = pytest.mark.skipif(ggml_oracle.load() is None, reason="libggml-base not found")
+pytestmark = pytest.mark.usefixtures("oracle")  # skips without libggml-base
 
 TYPES = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 

@@ -14,10 +14,7 @@ TYPES = ["IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
 KINDS = ["gauss", "heavy", "outliers", "zero", "tiny", "ties"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def oracle():
-    if ggml_oracle.load() is None:
-        pytest.skip("libggml-base not found; set QUANTCLI_GGML_LIB to compare with ggml")
+pytestmark = pytest.mark.usefixtures("oracle")  # skips without libggml-base
 
 
 def make_rows(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:

@@ -19,10 +19,7 @@ LEGACY_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 KINDS = ["gauss", "heavy", "outliers", "zero", "tiny", "ties", "positive", "const", "sparse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def oracle():
-    if ggml_oracle.load() is None:
-        pytest.skip("libggml-base not found; set QUANTCLI_GGML_LIB to compare with ggml")
+pytestmark = pytest.mark.usefixtures("oracle")  # skips without libggml-base
 
 
 def make_rows(rng: np.random.Generator, kind: str, rows: int, cols: int) -> np.ndarray:
