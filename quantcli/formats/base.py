@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,27 @@ class TensorInfo:
         return tuple(reversed(self.shape))
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (the tensor seen as (rows, row length))."""
+        cols = self.shape[-1] if self.shape else 1
+        return self.nbytes // max(self.n_params // max(cols, 1), 1)
+
+    @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.n_params if self.n_params else 0.0
+
+
+def pread_exact(fd: int, offset: int, nbytes: int, path: Path) -> np.ndarray:
+    """`nbytes` at `offset` into a fresh buffer with pread: cheaper than faulting in mapped pages
+    one by one, leaves no pages resident, and a file that shrank gives an error instead of SIGBUS."""
+    out = np.empty(nbytes, dtype=np.uint8)
+    view, pos = memoryview(out), offset
+    while view:
+        n = os.preadv(fd, [view], pos)
+        if n <= 0:
+            raise InputError(f"{path}: file is cut short at byte {pos} (changed while reading?)")
+        view, pos = view[n:], pos + n
+    return out
 
 
 class ModelReader:
@@ -97,10 +117,7 @@ class ModelReader:
 
     def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Stored bytes of rows [start, stop) (the tensor seen as (rows, row length))."""
-        info = self.info(name)
-        cols = info.shape[-1] if info.shape else 1
-        n_rows = max(info.n_params // max(cols, 1), 1)
-        row_bytes = info.nbytes // n_rows
+        row_bytes = self.info(name).row_bytes
         return self.raw(name)[start * row_bytes:stop * row_bytes]
 
     def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quantcli.errors import InputError, OutputError
-from quantcli.formats.base import KV, ModelReader, TensorInfo
+from quantcli.formats.base import KV, ModelReader, TensorInfo, pread_exact
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -247,20 +247,10 @@ class GGUFReader(ModelReader):
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
     def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) read with pread into a fresh buffer: cheaper than faulting in the
-        mapped pages one by one, and the memory goes away with the buffer."""
         info = self.info(name)
-        cols = info.shape[-1] if info.shape else 1
-        row_bytes = info.nbytes // max(info.n_params // max(cols, 1), 1)
-        out = np.empty((stop - start) * row_bytes, dtype=np.uint8)
         assert self._file is not None
-        fd, pos, view = self._file.fileno(), info.offset + start * row_bytes, memoryview(out)
-        while view:
-            n = os.preadv(fd, [view], pos)
-            if n <= 0:
-                raise InputError(f"{self.path}: tensor '{name}' is cut short (file changed while reading?)")
-            view, pos = view[n:], pos + n
-        return out
+        return pread_exact(self._file.fileno(), info.offset + start * info.row_bytes,
+                           (stop - start) * info.row_bytes, self.path)
 
     def release(self, name: str) -> None:
         info = self.info(name)

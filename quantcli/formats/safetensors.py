@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from quantcli.errors import InputError
-from quantcli.formats.base import KV, ModelReader, TensorInfo
+from quantcli.formats.base import KV, ModelReader, TensorInfo, pread_exact
 from quantcli.formats.dtypes import SAFETENSORS_DTYPES
 
 MAX_HEADER = 100_000_000  # the safetensors library's own cap
@@ -119,16 +119,8 @@ class _SafetensorsFile:
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
-        """`nbytes` at `offset` into a fresh buffer (pread: no mapped pages left resident)."""
-        out = np.empty(nbytes, dtype=np.uint8)
-        view, pos = memoryview(out), offset
         with open(self.path, "rb", buffering=0) as fh:
-            while view:
-                n = os.preadv(fh.fileno(), [view], pos)
-                if n <= 0:
-                    raise InputError(f"{self.path}: file is cut short (changed while reading?)")
-                view, pos = view[n:], pos + n
-        return out
+            return pread_exact(fh.fileno(), offset, nbytes, self.path)
 
 
 def _config_kv(config: dict[str, Any]) -> dict[str, KV]:
@@ -229,9 +221,7 @@ class SafetensorsReader(ModelReader):
 
     def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         info = self.info(name)
-        cols = info.shape[-1] if info.shape else 1
-        row_bytes = info.nbytes // max(info.n_params // max(cols, 1), 1)
-        return self._owner[name].read(info.offset + start * row_bytes, (stop - start) * row_bytes)
+        return self._owner[name].read(info.offset + start * info.row_bytes, (stop - start) * info.row_bytes)
 
     def close(self) -> None:
         for f in self._files.values():
