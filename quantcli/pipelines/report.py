@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,5 +145,5 @@ def run(path: Path, evaluation: EvalOptions | None = None, progress=None) -> Rep
     with open_model(path) as reader:
         rep = build(reader)
         if evaluation is not None:
-            rep = Report(**{**rep.__dict__, "evaluation": evaluate(reader, evaluation, progress)})
+            rep = replace(rep, evaluation=evaluate(reader, evaluation, progress))
         return rep
