@@ -175,16 +175,16 @@ class HFModelView(ModelReader):
 
     # Slices of rows (what quantize streams): untouched tensors come straight from the checkpoint;
     # a changed tensor is built once and sliced until `release`.
-    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def raw_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         plan = self._plans[self.info(name).name]
         if plan.source is not None and not plan.ops:
-            return self.source.raw_rows(plan.source, start, stop)
+            return self.source.raw_rows(plan.source, start, stop, out)
         return self._built(name, "raw")[start:stop].reshape(-1).view(np.uint8)
 
-    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def load_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         plan = self._plans[self.info(name).name]
         if plan.source is not None and not plan.ops:
-            return self.source.load_rows(plan.source, start, stop)
+            return self.source.load_rows(plan.source, start, stop, out)
         return self._built(name, "F32")[start:stop]
 
     def _built(self, name: str, kind: str) -> np.ndarray:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -13,12 +15,56 @@ from gguf import GGMLQuantizationType
 from quantcli.errors import InputError
 
 
+class StringArray(Sequence):
+    """A GGUF string array kept as the bytes it was read from (8-byte length, UTF-8 bytes, ...) and
+    decoded on first use: copying metadata (what quantize does with a 262k-token vocabulary) then
+    never builds the strings. Compares equal to a list or tuple of the same strings."""
+
+    __slots__ = ("raw", "_n", "_items")
+
+    def __init__(self, raw: bytes, count: int) -> None:
+        self.raw, self._n = raw, count
+        self._items: list[str] | None = None
+
+    def _decoded(self) -> list[str]:
+        if self._items is None:
+            raw, pos, items = self.raw, 0, []
+            unpack, append = struct.Struct("<Q").unpack_from, items.append
+            for _ in range(self._n):
+                (n,) = unpack(raw, pos)
+                append(str(raw[pos + 8:pos + 8 + n], "utf-8", "surrogateescape"))
+                pos += 8 + n
+            self._items = items
+        return self._items
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._decoded()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._decoded())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StringArray):
+            return self.raw == other.raw
+        if isinstance(other, (list, tuple)):
+            return self._decoded() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StringArray({self._n} strings)"
+
+
 @dataclass(frozen=True)
 class KV:
     """One metadata value with its GGUF type (arrays carry the element type too)."""
 
     type: int  # gguf.GGUFValueType
-    value: Any  # str | int | float | bool | list[str] | np.ndarray | list
+    value: Any  # str | int | float | bool | StringArray | list[str] | np.ndarray | list
     item_type: int | None = None  # for arrays
     raw: bytes | None = field(default=None, repr=False, compare=False)  # a string array's bytes as read
 
@@ -53,10 +99,12 @@ class TensorInfo:
         return 8.0 * self.nbytes / self.n_params if self.n_params else 0.0
 
 
-def pread_exact(fd: int, offset: int, nbytes: int, path: Path) -> np.ndarray:
-    """`nbytes` at `offset` into a fresh buffer with pread: cheaper than faulting in mapped pages
-    one by one, leaves no pages resident, and a file that shrank gives an error instead of SIGBUS."""
-    out = np.empty(nbytes, dtype=np.uint8)
+def pread_exact(fd: int, offset: int, nbytes: int, path: Path, out: np.ndarray | None = None) -> np.ndarray:
+    """`nbytes` at `offset` with pread: cheaper than faulting in mapped pages one by one, leaves no
+    pages resident, and a file that shrank gives an error instead of SIGBUS. Into the front of `out`
+    (a uint8 buffer that is reused across calls: a fresh buffer costs a page fault per 4 KB) or
+    into a fresh buffer."""
+    out = scratch_view(out, nbytes)
     view, pos = memoryview(out), offset
     while view:
         n = os.preadv(fd, [view], pos)
@@ -64,6 +112,13 @@ def pread_exact(fd: int, offset: int, nbytes: int, path: Path) -> np.ndarray:
             raise InputError(f"{path}: file is cut short at byte {pos} (changed while reading?)")
         view, pos = view[n:], pos + n
     return out
+
+
+def scratch_view(out: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """The first `nbytes` of a reusable uint8 buffer, or a fresh buffer when it is absent or small."""
+    if out is None or out.size < nbytes:
+        return np.empty(nbytes, dtype=np.uint8)
+    return out[:nbytes]
 
 
 class ModelReader:
@@ -115,20 +170,23 @@ class ModelReader:
             return self.raw(name).view("<f4").reshape(info.shape)
         return decode_to_f32(self.raw(name), info, self.path)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Stored bytes of rows [start, stop) (the tensor seen as (rows, row length))."""
+    def raw_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Stored bytes of rows [start, stop) (the tensor seen as (rows, row length)). Readers that
+        copy put them into `out` when it is large enough (see `scratch_view`), so the result is valid
+        only until `out` is reused."""
         row_bytes = self.info(name).row_bytes
         return self.raw(name)[start * row_bytes:stop * row_bytes]
 
-    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """float32 rows [start, stop) of the tensor seen as (rows, row length); F32 without a copy."""
+    def load_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows [start, stop) of the tensor seen as (rows, row length); F32 without a
+        conversion (read into `out` where the reader copies, as `raw_rows`)."""
         from dataclasses import replace
 
         from quantcli.formats.dtypes import decode_to_f32
 
         info = self.info(name)
         cols = info.shape[-1] if info.shape else 1
-        raw = self.raw_rows(name, start, stop)
+        raw = self.raw_rows(name, start, stop, out)
         if info.dtype == "F32":
             return raw.view("<f4").reshape(stop - start, cols)
         part = replace(info, shape=(stop - start, cols), nbytes=raw.size)

@@ -20,7 +20,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quantcli.errors import InputError, OutputError
-from quantcli.formats.base import KV, ModelReader, TensorInfo, pread_exact
+from quantcli.formats.base import KV, ModelReader, StringArray, TensorInfo, pread_exact
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -112,20 +112,20 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
         if count > cur.left() // 8:  # each string has at least its 8-byte length
             raise cur.fail(f"array '{key}' claims {count} strings, only {cur.left()} bytes remain")
         start = cur.pos
-        strings = _string_array(cur, count, key)
-        return KV(vtype, strings, item, raw=bytes(cur.buf[start:cur.pos]))
+        _skip_strings(cur, count, key)
+        raw = bytes(cur.buf[start:cur.pos])
+        return KV(vtype, StringArray(raw, count), item, raw=raw)
     raise cur.fail(f"array '{key}' has unsupported item type {item}")
 
 
 _U64 = struct.Struct("<Q")
 
 
-def _string_array(cur: _Cursor, count: int, key: str) -> list[str]:
-    """`count` length-prefixed strings: the vocabulary (262k entries for Gemma), so a tight loop."""
+def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
+    """Check and step over `count` length-prefixed strings (the vocabulary: 262k entries for Gemma,
+    so a tight loop that does not decode them; `StringArray` does that when they are used)."""
     buf, pos, size = cur.buf, cur.pos, cur.size
     unpack = _U64.unpack_from
-    out = []
-    append = out.append
     for _ in range(count):
         if pos + 8 > size:
             cur.pos = pos
@@ -135,10 +135,8 @@ def _string_array(cur: _Cursor, count: int, key: str) -> list[str]:
         if n > size - pos:
             cur.pos = pos
             raise cur.fail(f"item of '{key}' claims {n} bytes but only {size - pos} remain")
-        append(str(buf[pos:pos + n], "utf-8", "surrogateescape"))
         pos += n
     cur.pos = pos
-    return out
 
 
 class GGUFReader(ModelReader):
@@ -246,11 +244,11 @@ class GGUFReader(ModelReader):
         assert self._mmap is not None
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def raw_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         info = self.info(name)
         assert self._file is not None
         return pread_exact(self._file.fileno(), info.offset + start * info.row_bytes,
-                           (stop - start) * info.row_bytes, self.path)
+                           (stop - start) * info.row_bytes, self.path, out)
 
     def release(self, name: str) -> None:
         info = self.info(name)

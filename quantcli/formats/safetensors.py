@@ -118,9 +118,9 @@ class _SafetensorsFile:
             return np.zeros(0, dtype=np.uint8)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
-    def read(self, offset: int, nbytes: int) -> np.ndarray:
+    def read(self, offset: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
         with open(self.path, "rb", buffering=0) as fh:
-            return pread_exact(fh.fileno(), offset, nbytes, self.path)
+            return pread_exact(fh.fileno(), offset, nbytes, self.path, out)
 
 
 def _config_kv(config: dict[str, Any]) -> dict[str, KV]:
@@ -219,9 +219,10 @@ class SafetensorsReader(ModelReader):
         info = self.info(name)
         return self._owner[name].raw(info)
 
-    def raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    def raw_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         info = self.info(name)
-        return self._owner[name].read(info.offset + start * info.row_bytes, (stop - start) * info.row_bytes)
+        return self._owner[name].read(info.offset + start * info.row_bytes, (stop - start) * info.row_bytes,
+                                      out)
 
     def close(self) -> None:
         for f in self._files.values():
