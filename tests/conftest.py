@@ -76,6 +76,12 @@ def safetensors_bytes(tensors: dict[str, np.ndarray] | None = None, header: dict
     return struct.pack("<Q", n) + raw_header + (data or b"")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_hash_cache(tmp_path_factory) -> None:
+    """Remembered digests go to a folder of this test session, never the user's cache."""
+    os.environ["QUANTCLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("quantcli-cache"))
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path: Path) -> Path:
     """A 2-layer toy model in GGUF: F32 weights, a norm, metadata with an architecture."""

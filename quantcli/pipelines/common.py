@@ -11,16 +11,9 @@ from typing import Any, Callable
 import gguf
 
 import quantcli
+from quantcli.digests import file_sha256  # noqa: F401  (re-exported)
 from quantcli.formats import ModelReader, open_model
 from quantcli.progress import Progress, ProgressFn, progress_or_noop  # noqa: F401  (re-exported)
-
-
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_sha256(reader: ModelReader) -> str:
