@@ -223,7 +223,7 @@ def units_of(plan: list[PlannedTensor]) -> list[tuple[str, list[PlannedTensor]]]
     return units
 
 
-CHUNK_BYTES = 32 << 20  # float32 input per slice of rows: memory is this, not the tensor
+CHUNK_BYTES = 8 << 20  # float32 input per slice of rows: memory is this, not the tensor
 
 
 def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
@@ -234,9 +234,15 @@ def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarra
 
 
 def quantize_chunks(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
-                    pool: ThreadPoolExecutor | None, n_threads: int) -> Iterator[bytes]:
+                    pool: ThreadPoolExecutor | None, n_threads: int,
+                    scratch: list[np.ndarray] | None = None) -> Iterator[np.ndarray]:
     """A tensor's output bytes in order, a slice of rows at a time, so memory holds one slice (a few
-    tens of MB) rather than the tensor; rows are split across threads (same bytes for any count)."""
+    tens of MB) rather than the tensor; rows are split across threads (same bytes for any count).
+
+    With `scratch` (buffers of CHUNK_BYTES, used in turn across calls: the list is rotated), slices
+    are read into those buffers instead of fresh memory; a chunk that is a copy of the input then
+    lives in one of them, and the caller must be done with it before that buffer comes round again
+    (with two buffers: before asking for the chunk after next)."""
     info = p.info
     cols = info.shape[-1] if info.shape else 1
     n_rows = info.n_params // max(cols, 1)
@@ -254,23 +260,28 @@ def quantize_chunks(reader: ModelReader, p: PlannedTensor, importance: np.ndarra
             imp = per_mat_imp[m] if per_mat_imp is not None else None
             for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
                 b = min(a + step, (m + 1) * rows_per_mat)
+                buf = None
+                if scratch:
+                    buf = scratch.pop(0)
+                    scratch.append(buf)
                 if p.copy:
-                    yield reader.raw_rows(info.name, a, b).tobytes()
+                    yield reader.raw_rows(info.name, a, b, buf)
                 else:
-                    x = reader.load_rows(info.name, a, b)
-                    yield _quantize_rows(x, p.type, imp, pool, n_threads).tobytes()
+                    x = reader.load_rows(info.name, a, b, buf)
+                    yield from _quantize_rows(x, p.type, imp, pool, n_threads)
                 reader.release(info.name)
     except QuantcliError as exc:
         raise type(exc)(f"tensor '{info.name}': {exc.message}", exc.hint) from None
 
 
 def _quantize_rows(x: np.ndarray, type_name: str, imp: np.ndarray | None,
-                   pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
+                   pool: ThreadPoolExecutor | None, n_threads: int) -> list[np.ndarray]:
+    """The quantized rows of `x`, as consecutive pieces (one per thread: no copy to join them)."""
     if pool is None or x.shape[0] < 2 * n_threads:
-        return codecs.quantize(x, type_name, imp)
+        return [codecs.quantize(x, type_name, imp)]
     bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
     chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return np.concatenate(list(pool.map(lambda c: codecs.quantize(c, type_name, imp), chunks)))
+    return list(pool.map(lambda c: codecs.quantize(c, type_name, imp), chunks))
 
 
 def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
@@ -338,11 +349,14 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
     units = units_of(plan)
     total_in = sum(p.info.nbytes for p in plan)
     done_in, done_n, resumed = 0, 0, 0
+    scratch = [np.empty(CHUNK_BYTES, np.uint8) for _ in range(2)]
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         os.ftruncate(fd, len(header) + data_size)
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
+            # one thread writes and hashes chunk k while the next is read and quantized
+            writer = _OrderedWriter(fd, stack.enter_context(ThreadPoolExecutor(1)))
             for label, group in units:
                 first = start_of[group[0].info.name]
                 if _unit_intact(fd, store, label, first):
@@ -355,20 +369,18 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
                 for p in group:
                     imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
                     pos = start_of[p.info.name]
-                    for chunk in quantize_chunks(reader, p, imp, pool, n_threads):
-                        _pwrite_all(fd, chunk, pos)
-                        digest.update(chunk)
-                        pos += len(chunk)
+                    for chunk in quantize_chunks(reader, p, imp, pool, n_threads, scratch):
+                        writer.put(chunk, pos, digest)
+                        pos += chunk.nbytes
                     if pos - start_of[p.info.name] != p.nbytes:
                         raise OutputError(f"tensor '{p.info.name}': wrote {pos - start_of[p.info.name]} "
                                           f"bytes, its type needs {p.nbytes}")
-                    pad = b"\0" * (padded[p.info.name] - p.nbytes)
-                    _pwrite_all(fd, pad, pos)
-                    digest.update(pad)
+                    writer.put(np.zeros(padded[p.info.name] - p.nbytes, np.uint8), pos, digest)
                     size += padded[p.info.name]
                     done_in += p.info.nbytes
                     done_n += 1
                     step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))
+                writer.drain()
                 # no fsync per unit: after a crash the recorded sha256 is checked before reuse
                 store.record(label, {"start": first, "bytes": size, "sha256": digest.hexdigest()})
         meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
@@ -390,7 +402,29 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) 
 PARTIAL = "output.partial"
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+class _OrderedWriter:
+    """Writes chunks at their offsets and feeds them to a digest, in order, on one thread, at most
+    one chunk behind the caller (which may then reuse the buffer of the chunk before)."""
+
+    def __init__(self, fd: int, thread: ThreadPoolExecutor) -> None:
+        self._fd, self._thread = fd, thread
+        self._pending: Any = None
+
+    def put(self, chunk: np.ndarray, offset: int, digest: Any) -> None:
+        self.drain()
+        self._pending = self._thread.submit(self._write, chunk, offset, digest)
+
+    def _write(self, chunk: np.ndarray, offset: int, digest: Any) -> None:
+        _pwrite_all(self._fd, chunk, offset)
+        digest.update(chunk)
+
+    def drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
