@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import typer
@@ -36,8 +37,15 @@ from quantcli.cli import dequantize, imatrix, quantize, report, verify  # noqa: 
 
 
 def main() -> None:
+    # A command is one short process: the objects its imports create (typer, numpy, numba's
+    # registries) live until exit, and every full collection would rescan them (~50 ms each, plus
+    # one at exit). Freeze what exists now, collect young objects less often, freeze again at exit.
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     try:
         app()
     except KeyboardInterrupt:  # outside any command (e.g. during import)
         sys.stderr.write("error: interrupted\n")
         sys.exit(130)
+    finally:
+        gc.freeze()
