@@ -15,9 +15,10 @@ always, control and unknown tokens only with `parse_special`.
 from __future__ import annotations
 
 import heapq
+import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -99,6 +100,19 @@ def vocab_from_meta(meta: Callable[[str, Any], Any]) -> Vocab:
                  add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix)
 
 
+def _spm_word_split(tokens: Sequence[str]) -> "re.Pattern[str]":
+    """Where an SPM fragment can be cut into words without changing its ids: before a "▁" whose
+    preceding character never precedes "▁" inside a vocabulary token. SPM only merges neighbours
+    whose joined text is a token, so no merge crosses such a cut; each side's merges happen in
+    the same order alone as in the whole (the heap orders by score, then position). For Gemma 3
+    only ">" precedes "▁" inside a token, so nearly every space starts a word."""
+    joined = "\0".join(tokens)  # "\0" keeps pairs across token ends out (conservative if a token has one)
+    glue = set(re.findall("(.)\u2581", joined, re.S))
+    if not glue:
+        return re.compile("(?<=.)(?=\u2581)", re.S)
+    return re.compile("(?<=[^" + "".join(re.escape(c) for c in sorted(glue)) + "])(?=\u2581)")
+
+
 class Tokenizer:
     """`Tokenizer(vocab).encode(text)` -> the ids `llama-tokenize` prints (BOS as the file says)."""
 
@@ -111,6 +125,8 @@ class Tokenizer:
             scores = vocab.scores if vocab.scores is not None else np.zeros(len(vocab.tokens), np.float32)
             self._scores = scores.tolist()
             self._byte_ids = [self._spm_byte_token(b) for b in range(256)]
+            self._spm_words = _spm_word_split(vocab.tokens)
+            self._spm_cache: dict[str, list[int]] = {}
         else:
             if vocab.pre in _PRE_LLAMA3:
                 self._split = _split_llama3
@@ -152,7 +168,7 @@ class Tokenizer:
                     continue
                 if v.add_space_prefix and prev_special:
                     frag = " " + frag
-                self._spm(frag.replace(" ", "\u2581"), out)
+                self._spm_words_of(frag.replace(" ", "\u2581"), out)
                 prev_special = False
         else:
             if add_special and v.add_bos:
@@ -232,6 +248,20 @@ class Tokenizer:
         if tid is None and b < 128:
             tid = self.token_to_id.get(chr(b))
         return tid
+
+    def _spm_words_of(self, text: str, out: list[int]) -> None:
+        """SPM on a fragment, one word at a time, each word's ids remembered (see `_spm_word_split`:
+        the words are cut only where no token can merge across, so the ids are the fragment's)."""
+        cache = self._spm_cache
+        if len(cache) > 200_000:
+            cache.clear()
+        for word in self._spm_words.split(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = []
+                self._spm(word, ids)
+                cache[word] = ids
+            out.extend(ids)
 
     def _spm(self, text: str, out: list[int]) -> None:
         """llm_tokenizer_spm_session::tokenize on one fragment (spaces already escaped)."""
