@@ -23,7 +23,7 @@ import numpy as np
 
 from quantcli.engine.config import ModelConfig
 from quantcli.engine.ops import (activation_type, attention, gelu, quantize_activations, rms_norm, rope,
-                                 rope_cache, silu)
+                                 rope_cache, round_fp16, silu)
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.errors import InputError
 
@@ -151,8 +151,8 @@ class Model:
         q = rope(q, cos, sin, cfg.rope_neox)  # [T, n_head, d]
         k = rope(k, cos, sin, cfg.rope_neox)  # [T, n_head_kv, d]
         if self.kv_f16:
-            k = k.astype(np.float16).astype(np.float32)
-            v = v.astype(np.float16).astype(np.float32)
+            k = round_fp16(k)
+            v = round_fp16(v)
         if cfg.arch == "gemma3":  # gemma scales q before the product (gemma3.cpp)
             q *= np.float32(cfg.attn_scale)
             a = attention(q, k, v, 1.0, cfg.sliding_window if swa else 0)
@@ -167,7 +167,7 @@ class Model:
         h = rms_norm(x, w["ffn_norm"], cfg.norm_eps)
         g = linear("ffn_gate", h)  # [T, n_ff]
         u = linear("ffn_up", h)
-        h = (gelu(g) if cfg.act == "gelu" else silu(g)) * u
+        h = gelu(g, times=u) if cfg.act == "gelu" else silu(g) * u
         h = linear("ffn_down", h)  # [T, n_embd]
         if cfg.post_norms:
             h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)

@@ -11,17 +11,24 @@ from functools import lru_cache
 
 import numpy as np
 
+from quantcli.engine import _kernels
+
 GELU_COEF_A = np.float32(0.044715)
 SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """ggml_rms_norm then ggml_mul: x / sqrt(mean(x^2) + eps) * w over the last axis."""
-    # [..., n] -> [..., n]; the mean of squares in float64 as ggml's ggml_float sum
-    ms = np.einsum("...i,...i->...", x, x, dtype=np.float64) / x.shape[-1]
-    scale = (1.0 / np.sqrt(ms.astype(np.float32) + np.float32(eps))).astype(np.float32)
-    y = x * scale[..., None]
-    return y if weight is None else y * weight
+    """ggml_rms_norm then ggml_mul: x / sqrt(mean(x^2) + eps) * w over the last axis.
+    [..., n] -> [..., n]; the float32 squares summed in double as ggml's ggml_float sum."""
+    n = x.shape[-1]
+    x2 = np.ascontiguousarray(x, np.float32).reshape(-1, n)
+    out = np.empty_like(x2)
+    w = _NO_WEIGHT if weight is None else np.ascontiguousarray(weight, np.float32).reshape(-1)
+    _kernels.rms_norm_rows(x2, w, np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+_NO_WEIGHT = np.zeros(0, np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -34,17 +41,22 @@ def _gelu_table() -> np.ndarray:
     return y.astype(np.float16).astype(np.float32)
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
+def gelu(x: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     """ggml_vec_gelu_f32 with GGML_GELU_FP16: table lookup on the fp16-rounded input,
-    0 below -10, identity above 10."""
-    table = _gelu_table()
-    y = table[x.astype(np.float16).view(np.uint16)]
-    if x.size and x.min() <= -10.0:
-        y[x <= -10.0] = 0.0
-    if x.size and x.max() >= 10.0:
-        big = x >= 10.0
-        y[big] = x[big]
-    return y
+    0 below -10, identity above 10; multiplied by `times` (same shape) when given, in one pass."""
+    g = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(g)
+    u = _NO_WEIGHT if times is None else np.ascontiguousarray(times, np.float32).reshape(-1)
+    _kernels.gelu_fp16_mul(g.reshape(-1), u, _gelu_table(), out.reshape(-1))
+    return out
+
+
+def round_fp16(x: np.ndarray) -> np.ndarray:
+    """x rounded to fp16 and back (an fp16 KV cache), as float32."""
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(x)
+    _kernels.round_fp16(x.reshape(-1), out.reshape(-1))
+    return out
 
 
 def silu(x: np.ndarray) -> np.ndarray:
@@ -83,27 +95,18 @@ def quantize_activations(x: np.ndarray, act_type: str) -> np.ndarray:
     if act_type == "F32":
         return x
     if act_type == "F16":
-        return x.astype(np.float16).astype(np.float32)
+        return round_fp16(x)
     if act_type == "BF16":
         u = np.ascontiguousarray(x, np.float32).view(np.uint32)
         u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000  # round to nearest even
         return u.view(np.float32)
     block = 32 if act_type == "Q8_0" else 256
-    shape = x.shape
-    xb = x.reshape(-1, shape[-1] // block, block)  # [rows, n_blocks, block]
-    if act_type == "Q8_0":
-        amax = np.abs(xb).max(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
-        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
-        return (np.rint(xb * iscale) * d).reshape(shape)
-    arg = np.abs(xb).argmax(axis=-1)[..., None]
-    vmax = np.take_along_axis(xb, arg, axis=-1)
-    with np.errstate(divide="ignore"):
-        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
-        d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
-    q = np.minimum(np.rint(xb * iscale), np.float32(127.0))
-    return (q * d).reshape(shape)
+    if x.shape[-1] % block:
+        raise ValueError(f"{act_type} rounding needs rows of whole {block}-blocks, got {x.shape[-1]}")
+    xc = np.ascontiguousarray(x, np.float32)
+    out = np.empty_like(xc)
+    (_kernels.round_q8_0 if act_type == "Q8_0" else _kernels.round_q8_k)(xc.reshape(-1), out.reshape(-1))
+    return out
 
 
 @lru_cache(maxsize=16)

@@ -202,3 +202,48 @@ def test_attention_blocks_do_not_change_results():
     sw = ops.attention(q, k, v, 0.3, window=5, block=50)
     assert np.allclose(ops.attention(q, k, v, 0.3, window=5, block=7), sw, atol=1e-6)
     assert np.allclose(sw[:5], full[:5], atol=1e-6) and not np.allclose(sw[5:], full[5:])
+
+
+def _numpy_reference(kind: str, x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """The plain numpy formulations the compiled kernels replaced (ggml-cpu's arithmetic)."""
+    if kind == "rms_norm":
+        sq = (x * x).astype(np.float64)  # float32 squares, summed in double
+        mean = (sq.sum(axis=-1) / x.shape[-1]).astype(np.float32)
+        scale = np.float32(1.0) / np.sqrt(mean + np.float32(1e-6))
+        return x * scale[..., None] * w
+    if kind == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float32)
+    block = 32 if kind == "Q8_0" else 256
+    xb = x.reshape(-1, x.shape[-1] // block, block)
+    if kind == "Q8_0":
+        amax = np.abs(xb).max(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            iscale = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        d = (amax / np.float32(127.0)).astype(np.float16).astype(np.float32)
+        return (np.rint(xb * iscale) * d).reshape(x.shape)
+    vmax = np.take_along_axis(xb, np.abs(xb).argmax(axis=-1)[..., None], axis=-1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
+        d = np.where(iscale != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    return (np.minimum(np.rint(xb * iscale), np.float32(127.0)) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 40.0, 1e5])
+def test_compiled_kernels_equal_numpy_bit_for_bit(scale):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((24, 1024)) * scale).astype(np.float32)
+    x[3, :256] = 0  # an all-zero block of each size
+    x[7, 10] = -np.abs(x[7]).max() * 2  # a negative extreme decides Q8_K's sign
+    w = rng.standard_normal(1024).astype(np.float32)
+    for kind in ("Q8_0", "Q8_K", "F16"):
+        ours = ops.quantize_activations(x, kind) if kind != "F16" else ops.round_fp16(x)
+        assert np.array_equal(ours.view(np.uint32), _numpy_reference(kind, x).view(np.uint32)), kind
+    assert np.array_equal(ops.rms_norm(x, w, 1e-6).view(np.uint32),
+                          _numpy_reference("rms_norm", x, w).view(np.uint32))
+    g = np.clip(x, -12, 12) if scale > 1 else x
+    table = ops._gelu_table()
+    with np.errstate(over="ignore"):
+        ref = table[g.astype(np.float16).view(np.uint16)]
+    ref = np.where(g <= -10, np.float32(0), np.where(g >= 10, g, ref)).astype(np.float32)
+    assert np.array_equal(ops.gelu(g, times=w[None, :].repeat(24, 0)).view(np.uint32), (ref * w).view(np.uint32))
