@@ -46,14 +46,32 @@ class Codec:
         raise NotImplementedError
 
     @classmethod
-    def dequantize_rows(cls, data: np.ndarray, cols: int) -> np.ndarray:
-        """(rows, row_bytes) uint8 -> (rows, cols) float32."""
+    def dequantize_rows(
+        cls, data: np.ndarray, cols: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(rows, row_bytes) uint8 -> (rows, cols) float32; written into `out` when one is given
+        (see `rows_out`), which is returned."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------------
     @classmethod
     def row_bytes(cls, cols: int) -> int:
         return cols // cls.block_size * cls.type_size
+
+
+def rows_out(out: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
+    """The (rows, cols) float32 array a decoder fills: `out` itself, checked, or a new one."""
+    if out is None:
+        return np.empty((rows, cols), np.float32)
+    flags = out.flags
+    ok = out.shape == (rows, cols) and out.dtype == np.float32
+    if not (ok and flags.c_contiguous and flags.writeable):
+        raise ValueError(
+            f"out must be a writeable C-contiguous float32 array of shape {(rows, cols)}; got "
+            f"{out.dtype} {out.shape} (C-contiguous: {flags.c_contiguous}, "
+            f"writeable: {flags.writeable})"
+        )
+    return out
 
 
 def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizationType:

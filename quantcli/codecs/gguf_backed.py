@@ -1,8 +1,9 @@
 """Types whose ggml quantizer ignores importance: F32, F16, BF16, Q8_0, TQ1_0, TQ2_0, MXFP4.
 
 Quantizing ports `quantize_row_*_ref` (ggml-quants.c) and the float row converters (ggml.c) to
-numba, byte-exact including C's conversions of out-of-range floats to integers; decoding goes
-through `gguf.quants`, as it does for every type (`GgufBacked`). `register_readers` gives the
+numba, byte-exact including C's conversions of out-of-range floats to integers. Decoding goes
+through `gguf.quants` (`GgufBacked`), except for the types with a compiled decoder in `_dequant`
+(Q8_0 here, the legacy and K-quant types), bit-identical to it. `register_readers` gives the
 types quantcli reads but does not write a decode-only codec.
 """
 
@@ -15,12 +16,17 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 from numba import njit
 
+from quantcli.codecs._dequant import dequant_q8_0
 from quantcli.codecs._ggml_math import F0, F1, JIT, f32_from_bits, fp32_to_fp16, put_fp16
-from quantcli.codecs.base import Codec
+from quantcli.codecs.base import Codec, rows_out
 
 
 class GgufBacked(Codec):
-    """Quantize (without importance) and dequantize through `gguf.quants`."""
+    """Quantize (without importance) and dequantize through `gguf.quants`, or decode with
+    `dequant_kernel` where a subclass sets one."""
+
+    # a `_dequant` kernel: (blocks (n_blocks, type_size) uint8, y (n_blocks * block_size,) float32)
+    dequant_kernel = None
 
     @classmethod
     def quantize_rows(cls, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -28,9 +34,20 @@ class GgufBacked(Codec):
             return np.ascontiguousarray(gq.quantize(x, cls.ggml_type)).view(np.uint8)
 
     @classmethod
-    def dequantize_rows(cls, data: np.ndarray, cols: int) -> np.ndarray:
+    def dequantize_rows(
+        cls, data: np.ndarray, cols: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if cls.dequant_kernel is not None:
+            out = rows_out(out, data.shape[0], cols)
+            blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, cls.type_size)
+            cls.dequant_kernel(blocks, out.reshape(-1))
+            return out
         with np.errstate(all="ignore"):
-            return gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
+            y = gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
+        if out is None:
+            return y
+        rows_out(out, data.shape[0], cols)[...] = y
+        return out
 
 
 class DequantizeOnly(GgufBacked):
@@ -206,8 +223,12 @@ class F32(Codec, ggml_type=Q.F32):
         return np.ascontiguousarray(x, dtype="<f4").view(np.uint8)
 
     @classmethod
-    def dequantize_rows(cls, data, cols):
-        return np.ascontiguousarray(data).view("<f4").astype(np.float32, copy=False)
+    def dequantize_rows(cls, data, cols, out=None):
+        y = np.ascontiguousarray(data).view("<f4").astype(np.float32, copy=False)
+        if out is None:
+            return y
+        rows_out(out, data.shape[0], cols)[...] = y
+        return out
 
 
 class F16(Codec, ggml_type=Q.F16):
@@ -220,8 +241,10 @@ class F16(Codec, ggml_type=Q.F16):
         return out.view(np.uint8)
 
     @classmethod
-    def dequantize_rows(cls, data, cols):
-        return np.ascontiguousarray(data).view("<f2").astype(np.float32)
+    def dequantize_rows(cls, data, cols, out=None):
+        out = rows_out(out, data.shape[0], cols)
+        out[...] = np.ascontiguousarray(data).view("<f2")  # exact: every fp16 is a float32
+        return out
 
 
 class _RefBlocks(GgufBacked):
@@ -247,6 +270,7 @@ class BF16(GgufBacked, ggml_type=Q.BF16):
 
 class Q8_0(_RefBlocks, ggml_type=Q.Q8_0):
     kernel = _q8_0_ref  # ggml's quantize_q8_0 ignores quant_weights
+    dequant_kernel = staticmethod(dequant_q8_0)
 
 
 class TQ1_0(_RefBlocks, ggml_type=Q.TQ1_0):

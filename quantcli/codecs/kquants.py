@@ -10,7 +10,7 @@ Each kernel takes the input flattened, `xf: (rows * cols,)` float32, and fills
   3. per super-block, in plain scalar code: quantize the sub-block scales, store fp16 d/dmin,
      requantize every value against the stored scales, pack the bits.
 Step 3 follows the C functions line by line; see `_ggml_math` for the float32 rules.
-Dequantization is `gguf.quants.dequantize`.
+Dequantization is compiled (`_dequant.dequant_q*_k`), bit-identical to `gguf.quants.dequantize`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit
 
+from quantcli.codecs._dequant import (
+    dequant_q2_k,
+    dequant_q3_k,
+    dequant_q4_k,
+    dequant_q5_k,
+    dequant_q6_k,
+)
 from quantcli.codecs._ggml_math import (
     F0,
     GROUP_MAX_EPS,
@@ -577,9 +584,12 @@ class _KQuant(GgufBacked):
 
 class Q2_K(_KQuant, ggml_type=Q.Q2_K):
     _kernel = staticmethod(_q2_k)
+    dequant_kernel = staticmethod(dequant_q2_k)
 
 
 class Q3_K(_KQuant, ggml_type=Q.Q3_K):
+    dequant_kernel = staticmethod(dequant_q3_k)
+
     @staticmethod
     def _kernel(xf, qw, out, nb, weighted):
         if weighted:
@@ -589,12 +599,16 @@ class Q3_K(_KQuant, ggml_type=Q.Q3_K):
 
 
 class Q4_K(_KQuant, ggml_type=Q.Q4_K):
+    dequant_kernel = staticmethod(dequant_q4_k)
+
     @staticmethod
     def _kernel(xf, qw, out, nb, weighted):
         _qk45(xf, qw, out, nb, weighted, 15, _M1_0, _D0_1, 20)
 
 
 class Q5_K(_KQuant, ggml_type=Q.Q5_K):
+    dequant_kernel = staticmethod(dequant_q5_k)
+
     @staticmethod
     def _kernel(xf, qw, out, nb, weighted):
         _qk45(xf, qw, out, nb, weighted, 31, _M0_5, _D0_1, 15)
@@ -602,3 +616,4 @@ class Q5_K(_KQuant, ggml_type=Q.Q5_K):
 
 class Q6_K(_KQuant, ggml_type=Q.Q6_K):
     _kernel = staticmethod(_q6_k)
+    dequant_kernel = staticmethod(dequant_q6_k)

@@ -6,7 +6,8 @@ ports those too, but not bit for bit on blocks of signed zeros: C starts from `m
 block of -0.0 gets another fp16 sign bit. They are ported here (`_legacy_ref`), with C's
 float -> int8 conversion. With importance, `quantize_q4_0` & co. run `quantize_row_q*_impl`: a
 weighted search (make_qx_quants / make_qkx3_quants) with weights `qw[j] * sqrtf(sigma2 + x[j]^2)`,
-sigma2 being the mean square of the whole row (`_legacy_impl`).
+sigma2 being the mean square of the whole row (`_legacy_impl`). Decoding is compiled
+(`_dequant.dequant_q*`), bit-identical to `gguf.quants`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit
 
+from quantcli.codecs._dequant import (
+    dequant_q4_0,
+    dequant_q4_1,
+    dequant_q5_0,
+    dequant_q5_1,
+)
 from quantcli.codecs._ggml_math import JIT, put_fp16, row_sigma2
 from quantcli.codecs._lanes import qkx_lanes, qx_lanes
 from quantcli.codecs.gguf_backed import GgufBacked
@@ -175,15 +182,19 @@ class _Legacy(GgufBacked):
 
 class Q4_0(_Legacy, ggml_type=Q.Q4_0):
     nmax, asymmetric = 8, False
+    dequant_kernel = staticmethod(dequant_q4_0)
 
 
 class Q4_1(_Legacy, ggml_type=Q.Q4_1):
     nmax, asymmetric = 15, True
+    dequant_kernel = staticmethod(dequant_q4_1)
 
 
 class Q5_0(_Legacy, ggml_type=Q.Q5_0):
     nmax, asymmetric = 16, False
+    dequant_kernel = staticmethod(dequant_q5_0)
 
 
 class Q5_1(_Legacy, ggml_type=Q.Q5_1):
     nmax, asymmetric = 31, True
+    dequant_kernel = staticmethod(dequant_q5_1)
