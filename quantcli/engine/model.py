@@ -76,9 +76,10 @@ class Model:
                 w[short + ".bias"] = self.reader.load_f32(name)
         return w
 
-    def rows(self, name: str, index: np.ndarray | slice) -> np.ndarray:
-        """Rows of a 2-D tensor as float32, dequantizing only those rows."""
-        from quantcli import codecs
+    def rows(self, name: str, index: np.ndarray | slice, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows of a 2-D tensor as float32, dequantizing only those rows (into the front of `out`,
+        a reusable float32 buffer, when it is large enough; F32 rows are a view of the file)."""
+        from quantcli.codecs import get_codec
 
         info = self.reader.tensors[name]
         n_rows, n_cols = info.shape
@@ -86,7 +87,11 @@ class Model:
         sel = raw[index]
         if info.dtype == "F32":
             return np.ascontiguousarray(sel).view(np.float32)
-        return codecs.dequantize(sel, info.ggml_type, (sel.shape[0], n_cols))
+        n = sel.shape[0]
+        dest = None
+        if out is not None and out.size >= n * n_cols:
+            dest = out.reshape(-1)[: n * n_cols].reshape(n, n_cols)
+        return get_codec(info.ggml_type).dequantize_rows(np.ascontiguousarray(sel), n_cols, out=dest)
 
     def matmul_input(self, name: str, x: np.ndarray) -> np.ndarray:
         """x as ggml-cpu feeds it to a matmul with weight `name` (rounded when act_quant)."""
@@ -94,9 +99,10 @@ class Model:
             return x
         return quantize_activations(x, activation_type(self.reader.tensors[name].dtype))
 
-    def output_rows(self, v0: int, v1: int) -> np.ndarray:
-        """Rows v0:v1 of the output projection (tied to token_embd when output.weight is absent)."""
-        return self.rows(self.output_name, slice(v0, v1))
+    def output_rows(self, v0: int, v1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows v0:v1 of the output projection (tied to token_embd when output.weight is absent),
+        dequantized into `out` when given (see `rows`)."""
+        return self.rows(self.output_name, slice(v0, v1), out)
 
     # -- forward pieces ----------------------------------------------------------------------------
     def embed(self, tokens: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

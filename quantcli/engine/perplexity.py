@@ -150,9 +150,13 @@ def head_pass(model: Model, hidden: np.ndarray, targets: np.ndarray, options: Pe
     bstats = _HeadStats(n) if base is not None else None
     kl_t = np.zeros(n) if base is not None else None  # sum_i exp(a_i - m_a) * (a_i - b_i)
     slices = list(model.vocab_slices(options.vocab_slice))
+    # one buffer per model for the dequantized rows of each slice (fresh memory costs page faults)
+    n_embd = hidden.shape[1]
+    buf = np.empty(options.vocab_slice * n_embd, np.float32)
+    bbuf = np.empty(options.vocab_slice * n_embd, np.float32) if base is not None else None
     for k, (v0, v1) in enumerate(slices):
-        rows = model.output_rows(v0, v1)
-        brows = base.output_rows(v0, v1) if base is not None else None
+        rows = model.output_rows(v0, v1, buf)
+        brows = base.output_rows(v0, v1, bbuf) if base is not None else None
         for p0 in range(0, n, options.position_block):
             p1 = min(n, p0 + options.position_block)
             z = model.logits(hidden[p0:p1], rows)  # [b, V_s]
