@@ -119,7 +119,7 @@ class Tokenizer:
     def __init__(self, vocab: Vocab) -> None:
         self.vocab = vocab
         # token_to_id: a later duplicate overwrites an earlier one, as llama.cpp's map assignment
-        self.token_to_id = {t: i for i, t in enumerate(vocab.tokens)}
+        self.token_to_id = dict(zip(vocab.tokens, range(len(vocab.tokens))))
         self._special = self._special_tokens()
         if vocab.model == "llama":
             scores = vocab.scores if vocab.scores is not None else np.zeros(len(vocab.tokens), np.float32)
