@@ -11,10 +11,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from quantcli.engine import _kernels
-
 GELU_COEF_A = np.float32(0.044715)
 SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+def _k():
+    """The compiled kernels; numba is imported on first use, not by every command's start-up."""
+    from quantcli.engine import _kernels
+
+    return _kernels
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
@@ -24,7 +29,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray
     x2 = np.ascontiguousarray(x, np.float32).reshape(-1, n)
     out = np.empty_like(x2)
     w = _NO_WEIGHT if weight is None else np.ascontiguousarray(weight, np.float32).reshape(-1)
-    _kernels.rms_norm_rows(x2, w, np.float32(eps), out)
+    _k().rms_norm_rows(x2, w, np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -47,7 +52,7 @@ def gelu(x: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
     g = np.ascontiguousarray(x, np.float32)
     out = np.empty_like(g)
     u = _NO_WEIGHT if times is None else np.ascontiguousarray(times, np.float32).reshape(-1)
-    _kernels.gelu_fp16_mul(g.reshape(-1), u, _gelu_table(), out.reshape(-1))
+    _k().gelu_fp16_mul(g.reshape(-1), u, _gelu_table(), out.reshape(-1))
     return out
 
 
@@ -55,7 +60,7 @@ def round_fp16(x: np.ndarray) -> np.ndarray:
     """x rounded to fp16 and back (an fp16 KV cache), as float32."""
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty_like(x)
-    _kernels.round_fp16(x.reshape(-1), out.reshape(-1))
+    _k().round_fp16(x.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -105,7 +110,7 @@ def quantize_activations(x: np.ndarray, act_type: str) -> np.ndarray:
         raise ValueError(f"{act_type} rounding needs rows of whole {block}-blocks, got {x.shape[-1]}")
     xc = np.ascontiguousarray(x, np.float32)
     out = np.empty_like(xc)
-    (_kernels.round_q8_0 if act_type == "Q8_0" else _kernels.round_q8_k)(xc.reshape(-1), out.reshape(-1))
+    (_k().round_q8_0 if act_type == "Q8_0" else _k().round_q8_k)(xc.reshape(-1), out.reshape(-1))
     return out
 
 

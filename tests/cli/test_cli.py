@@ -85,3 +85,13 @@ def test_dequantize_cli_writes(tiny_gguf, tmp_path):
     res = runner.invoke(app, ["dequantize", str(tiny_gguf), str(out), "-q"])
     assert res.exit_code == 0 and res.output == ""
     assert out.stat().st_size > 0
+
+
+def test_start_up_does_not_load_numba():
+    """Every command pays for what the CLI imports: numba (~0.15 s) loads only when a kernel runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, quantcli.cli.app; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
