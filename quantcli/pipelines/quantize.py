@@ -295,6 +295,10 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
             warn(msg)
 
     start = time.perf_counter()
+    # the full sha256 of a large input takes a while (~0.6 s of a core per GB): a single file
+    # starts hashing on a thread now, while the interpreter opens, plans and loads its kernels
+    early_hash = (_Background(file_sha256, Path(opts.input))
+                  if not opts.dry_run and Path(opts.input).is_file() else None)
     with open_source(opts.input, warn_) as reader:
         if not opts.dry_run:
             check_output(opts.output, [opts.input], opts.force)
@@ -310,21 +314,21 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
         if opts.dry_run:
             return QuantizeResult(output=None, seconds=time.perf_counter() - start,
                                   warnings=warnings, **summary)
-        resumed = _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn_)
+        resumed = _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn_,
+                           early_hash or _Background(source_sha256, reader))
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
 
 
-def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn) -> int:
+def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, source_hash) -> int:
     """Quantize unit by unit straight into `output.partial` in the checkpoint directory, at the
     offsets the plan fixes; after each unit, record its byte range and sha256 in the
     manifest. A re-run verifies the recorded ranges and does only the rest. At the end the header
     is written and the file renamed onto the output (copied, if the checkpoint directory is on
     another file system)."""
     ckpt_dir = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
-    # the full sha256 of a large input takes a while: hash it on a thread while quantizing; the
-    # checkpoint key uses a quick fingerprint (sizes, mtimes, inodes, tensor index) instead
-    source_hash = _Background(source_sha256, reader)
+    # the source's sha256 (`source_hash`, a _Background) is still being computed: the checkpoint
+    # key uses a quick fingerprint (sizes, mtimes, inodes, tensor index) instead
     key = {"input": quick_fingerprint(reader), "plan_sha256": plan_hash, "quantcli": quantcli.__version__,
            "gguf": gguf_version(), "imatrix_sha256": _file_hash(opts.imatrix),
            "override_kv": list(opts.override_kv), "profile_sha256": _file_hash(opts.profile)}
