@@ -236,8 +236,9 @@ def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarra
 def quantize_chunks(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
                     pool: ThreadPoolExecutor | None, n_threads: int,
                     scratch: list[np.ndarray] | None = None) -> Iterator[np.ndarray]:
-    """A tensor's output bytes in order, a slice of rows at a time, so memory holds one slice (a few
-    tens of MB) rather than the tensor; rows are split across threads (same bytes for any count).
+    """A tensor's output bytes in order, a slice of rows at a time (CHUNK_BYTES of float32 input), so
+    memory holds one slice rather than the tensor; rows are split across threads (same bytes for any
+    count), and each thread's piece is yielded as it is.
 
     With `scratch` (buffers of CHUNK_BYTES, used in turn across calls: the list is rotated), slices
     are read into those buffers instead of fresh memory; a chunk that is a copy of the input then
