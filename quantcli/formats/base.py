@@ -20,40 +20,22 @@ class StringArray(Sequence):
     decoded on first use: copying metadata (what quantize does with a 262k-token vocabulary) then
     never builds the strings. Compares equal to a list or tuple of the same strings."""
 
-    __slots__ = ("raw", "_n", "_lengths", "_items")
+    __slots__ = ("raw", "_n", "_items")
 
-    def __init__(self, raw: bytes, count: int, lengths: Sequence[int] | None = None) -> None:
+    def __init__(self, raw: bytes, count: int) -> None:
         self.raw, self._n = raw, count
-        self._lengths = lengths  # each string's byte length, when the parser kept them
         self._items: list[str] | None = None
 
     def _decoded(self) -> list[str]:
         if self._items is None:
-            self._items = self._decode()
+            raw, pos, items = self.raw, 0, []
+            unpack, append = struct.Struct("<Q").unpack_from, items.append
+            for _ in range(self._n):
+                (n,) = unpack(raw, pos)
+                append(str(raw[pos + 8:pos + 8 + n], "utf-8", "surrogateescape"))
+                pos += 8 + n
+            self._items = items
         return self._items
-
-    def _decode(self) -> list[str]:
-        raw, n = self.raw, self._n
-        if n and self._lengths is not None and b"\xff" not in raw:
-            # 0xFF never occurs in UTF-8: put it where each length field ends, drop the rest of the
-            # field, decode once and split. Invalid bytes next to it decode exactly as they do
-            # alone, since no sequence can run through 0xFF (checked against the loop in tests).
-            lengths = np.asarray(self._lengths, np.int64)
-            starts = np.cumsum(lengths + 8) - lengths  # first byte of each string
-            data = np.frombuffer(raw, np.uint8).copy()
-            data[starts - 1] = 0xFF
-            keep = np.ones(data.size, bool)
-            keep[((starts - 8)[:, None] + np.arange(7)).reshape(-1)] = False
-            items = data[keep].tobytes().decode("utf-8", "surrogateescape").split("\udcff")[1:]
-            if len(items) == n:
-                return items
-        items, pos = [], 0
-        unpack, append = struct.Struct("<Q").unpack_from, items.append
-        for _ in range(n):
-            (size,) = unpack(raw, pos)
-            append(str(raw[pos + 8:pos + 8 + size], "utf-8", "surrogateescape"))
-            pos += 8 + size
-        return items
 
     def __len__(self) -> int:
         return self._n

@@ -112,23 +112,20 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> KV:
         if count > cur.left() // 8:  # each string has at least its 8-byte length
             raise cur.fail(f"array '{key}' claims {count} strings, only {cur.left()} bytes remain")
         start = cur.pos
-        lengths = _skip_strings(cur, count, key)
+        _skip_strings(cur, count, key)
         raw = bytes(cur.buf[start:cur.pos])
-        return KV(vtype, StringArray(raw, count, np.array(lengths, np.int64)), item, raw=raw)
+        return KV(vtype, StringArray(raw, count), item, raw=raw)
     raise cur.fail(f"array '{key}' has unsupported item type {item}")
 
 
 _U64 = struct.Struct("<Q")
 
 
-def _skip_strings(cur: _Cursor, count: int, key: str) -> list[int]:
+def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
     """Check and step over `count` length-prefixed strings (the vocabulary: 262k entries for Gemma,
-    so a tight loop that does not decode them; `StringArray` does that when they are used);
-    returns their byte lengths."""
+    so a tight loop that does not decode them; `StringArray` does that when they are used)."""
     buf, pos, size = cur.buf, cur.pos, cur.size
     unpack = _U64.unpack_from
-    lengths: list[int] = []
-    append = lengths.append
     for _ in range(count):
         if pos + 8 > size:
             cur.pos = pos
@@ -138,10 +135,8 @@ def _skip_strings(cur: _Cursor, count: int, key: str) -> list[int]:
         if n > size - pos:
             cur.pos = pos
             raise cur.fail(f"item of '{key}' claims {n} bytes but only {size - pos} remain")
-        append(n)
         pos += n
     cur.pos = pos
-    return lengths
 
 
 class GGUFReader(ModelReader):
