@@ -19,7 +19,7 @@ from quantcli.codecs.base import (
 )
 from quantcli.errors import NumericError, UsageError
 
-__all__ = ["Codec", "quantize", "dequantize", "get_codec", "registered_types", "resolve_type"]
+__all__ = ["Codec", "quantize", "dequantize", "get_codec", "load_kernels", "registered_types", "resolve_type"]
 
 
 def quantize(
@@ -115,3 +115,20 @@ def dequantize(
     if rows == 0:
         return np.zeros(shape, dtype=np.float32)
     return codec.dequantize_rows(raw.reshape(rows, -1), cols).reshape(shape)
+
+
+def load_kernels(decode: "set | list" = (), encode: "set | list" = (), weighted: bool = False) -> None:
+    """Run the decoders of `decode` and the encoders of `encode` (with importance weights when
+    `weighted`) once on one block of zeros, so numba loads their compiled code now. Pipelines call
+    this before they create output: a Ctrl-C that lands while numba loads code runs inside its
+    ctypes callbacks, where Python reports the KeyboardInterrupt and drops it."""
+    for t in decode:
+        codec = get_codec(t)
+        dequantize(np.zeros(codec.type_size, np.uint8), codec.ggml_type, (codec.block_size,))
+    for t in encode:
+        codec = get_codec(t)
+        if not codec.can_quantize:
+            continue
+        n = codec.block_size
+        imp = np.ones(n, np.float32) if weighted or codec.requires_importance else None
+        quantize(np.zeros((1, n), np.float32), codec.ggml_type, imp)

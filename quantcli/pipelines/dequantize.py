@@ -99,6 +99,8 @@ def run(opts: DequantizeOptions, progress: ProgressFn | None = None,
         from_hf = reader.format == "hf"
         plan = [(info, target_type(info, OUT_TYPES[out_type], from_hf)) for info in reader.tensors.values()]
         meta = provenance(reader, source_sha256(reader))
+        codecs.load_kernels(decode={i.ggml_type for i, q in plan if q is not None and i.ggml_type is not None},
+                            encode={q for _, q in plan if q is not None})
         with atomic_write(opts.output) as fh:
             if fmt == "gguf":
                 written = _write_gguf(fh, reader, plan, out_type, meta, step)

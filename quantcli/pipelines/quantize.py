@@ -347,6 +347,8 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, 
     start_of = {p.info.name: len(header) + off for p, (off, _) in zip(plan, layout)}
     padded = {p.info.name: -(-n // alignment) * alignment for p, (_, n) in zip(plan, layout)}
 
+    codecs.load_kernels(decode={p.info.ggml_type for p in plan if not p.copy and p.info.ggml_type is not None},
+                        encode={p.type for p in plan if not p.copy}, weighted=imatrix is not None)
     partial = ckpt_dir / PARTIAL
     if not store.units and partial.exists():
         partial.unlink()  # left by a run whose checkpoints were not usable
