@@ -63,6 +63,19 @@ def provenance(reader: ModelReader, source_hash: str, date: str | None = None,
     return meta
 
 
+def read_text(path: Path) -> str:
+    """A calibration or evaluation text as llama.cpp reads it: the file's bytes as UTF-8, with no
+    newline translation."""
+    from quantcli.errors import InputError
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such text file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+
+
 def gguf_version() -> str:
     from importlib.metadata import version
 

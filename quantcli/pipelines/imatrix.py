@@ -10,9 +10,9 @@ from typing import Callable
 from quantcli import checkpoint
 from quantcli.calibrate import imatrix as calib
 from quantcli.calibrate import imatrix_file
-from quantcli.errors import InputError, UsageError
+from quantcli.errors import UsageError
 from quantcli.formats.atomic import check_output
-from quantcli.pipelines.common import ProgressFn
+from quantcli.pipelines.common import ProgressFn, read_text
 
 DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
@@ -44,14 +44,7 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
         warn(f"{opts.chunks} chunks is outside the recommended {CHUNK_RANGE[0]}-{CHUNK_RANGE[1]}")
     check_output(opts.output, [opts.model] + ([opts.text] if opts.text else []), opts.force)
-    text = None
-    if opts.text is not None:
-        try:
-            text = Path(opts.text).read_bytes().decode("utf-8")  # bytes: no newline translation, as llama.cpp
-        except FileNotFoundError:
-            raise InputError(f"{opts.text}: no such text file") from None
-        except UnicodeDecodeError:
-            raise InputError(f"{opts.text}: not UTF-8 text") from None
+    text = read_text(opts.text) if opts.text is not None else None
     ckpt = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
     options = calib.ImatrixOptions(ctx=opts.ctx, chunks=opts.chunks, process_output=opts.process_output,
                                    dataset=str(opts.text) if opts.text else "", in_files=tuple(opts.in_files),

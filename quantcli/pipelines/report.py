@@ -121,16 +121,12 @@ class EvalOptions:
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:
     """llama-perplexity's perplexity (and KLD vs a base model) through the numpy engine."""
     from quantcli.engine.perplexity import PerplexityOptions, evaluate as engine_evaluate
-    from quantcli.errors import InputError, UsageError
+    from quantcli.errors import UsageError
+    from quantcli.pipelines.common import read_text
 
     if opts.ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {opts.ctx}")
-    try:
-        text = Path(opts.text).read_bytes().decode("utf-8")  # bytes: no newline translation, as llama.cpp
-    except FileNotFoundError:
-        raise InputError(f"{opts.text}: no such text file") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{opts.text}: not UTF-8 text") from None
+    text = read_text(opts.text)
     r = engine_evaluate(reader, text, PerplexityOptions(ctx=opts.ctx, chunks=opts.chunks),
                         base=opts.base, progress=progress)
     return {"text": str(opts.text), "ctx": r.ctx, "chunks": r.chunks, "tokens": r.tokens,
