@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -69,6 +71,30 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Have the kernel start writing [offset, offset + nbytes) of `fd` to disk now, without waiting
+    (Linux `sync_file_range`): the fsync before an output is published then finds little left to
+    write. Advisory: where the call is missing or fails, nothing happens."""
+    call = _sync_file_range()
+    if call is not None and nbytes > 0:
+        call(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE; the result does not matter
+
+
+@functools.cache
+def _sync_file_range():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range  # releases the GIL while it runs
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.restype = ctypes.c_int
+    return call
 
 
 def _umask() -> int:

@@ -3,23 +3,26 @@ layer by layer, with a checkpoint after every layer and an atomic output.
 
 Order of work: open the input (GGUF, safetensors, or a Hugging Face directory seen as GGUF) -> load
 and filter the imatrix -> plan every tensor's type with a reason -> (dry run: stop) -> quantize each
-unit (a layer's run of tensors) into a checkpoint file -> write the GGUF from the checkpoints ->
-publish atomically -> remove the checkpoints.
+unit (a layer's run of tensors) in slices of rows straight into the partial output file, recording
+the unit's sha256 in the checkpoint manifest -> write the header -> publish atomically -> remove the
+checkpoints.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -30,7 +33,7 @@ from quantcli.calibrate import imatrix_file
 from quantcli.errors import InputError, OutputError, QuantcliError, UsageError
 from quantcli.formats import ModelReader, TensorInfo
 from quantcli.formats.gguf import gguf_layout, type_nbytes
-from quantcli.formats.atomic import atomic_write, check_output
+from quantcli.formats.atomic import atomic_write, check_output, start_writeback
 from quantcli.formats.base import KV
 from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, open_source,
                                        progress_or_noop, provenance, quick_fingerprint, run_date,
@@ -223,66 +226,88 @@ def units_of(plan: list[PlannedTensor]) -> list[tuple[str, list[PlannedTensor]]]
     return units
 
 
-CHUNK_BYTES = 8 << 20  # float32 input per slice of rows: memory is this, not the tensor
+CHUNK_BYTES = 8 << 20  # float32 input per slice of rows (less with many threads): memory is slices, not tensors
+IN_FLIGHT_BYTES = 128 << 20  # all slices in flight together, with many threads
 
 
-def quantize_tensor(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
-                    pool: ThreadPoolExecutor | None, n_threads: int) -> np.ndarray:
-    """One tensor's output bytes (all of them: for tests and small tensors)."""
-    return np.concatenate([np.frombuffer(c, np.uint8) for c in
-                           quantize_chunks(reader, p, importance, pool, n_threads)] or [np.zeros(0, np.uint8)])
+def window_of(n_threads: int) -> int:
+    """Slices in flight: enough that the workers stay busy through a layer's small tensors."""
+    return 2 * n_threads + 2
 
 
-def quantize_chunks(reader: ModelReader, p: PlannedTensor, importance: np.ndarray | None,
-                    pool: ThreadPoolExecutor | None, n_threads: int,
-                    scratch: list[np.ndarray] | None = None) -> Iterator[np.ndarray]:
-    """A tensor's output bytes in order, a slice of rows at a time (CHUNK_BYTES of float32 input), so
-    memory holds one slice rather than the tensor; rows are split across threads (same bytes for any
-    count), and each thread's piece is yielded as it is.
+def chunk_bytes(n_threads: int) -> int:
+    """Input bytes per slice: CHUNK_BYTES, smaller where a window of slices would pass IN_FLIGHT_BYTES."""
+    return min(CHUNK_BYTES, max(1 << 20, IN_FLIGHT_BYTES // window_of(n_threads)))
 
-    With `scratch` (buffers of CHUNK_BYTES, used in turn across calls: the list is rotated), slices
-    are read into those buffers instead of fresh memory; a chunk that is a copy of the input then
-    lives in one of them, and the caller must be done with it before that buffer comes round again
-    (with two buffers: before asking for the chunk after next)."""
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of a tensor (seen as (rows, row length)) and where their output goes."""
+
+    p: PlannedTensor
+    start: int
+    stop: int
+    importance: np.ndarray | None  # the imatrix row of the slice's matrix (experts have one each)
+    offset: int  # of the slice's bytes in the output file
+    nbytes: int  # of the slice's output
+    pad: int = 0  # zero bytes after it (the tensor's last slice: up to the file's alignment)
+
+
+def slices_of(p: PlannedTensor, importance: np.ndarray | None, offset: int, pad: int,
+              chunk: int = CHUNK_BYTES) -> list[Slice]:
+    """The tensor in slices of at most `chunk` bytes of float32 input, never across two matrices of
+    a 3-D (expert) tensor, with each slice's place in the output (the tensor's starts at `offset`;
+    the last slice carries the `pad` zero bytes that follow it). Rows are quantized independently,
+    so the bytes do not depend on where the slices are cut."""
     info = p.info
     cols = info.shape[-1] if info.shape else 1
     n_rows = info.n_params // max(cols, 1)
     rows_per_mat = info.shape[-2] if len(info.shape) >= 2 else 1
     n_mat = max(n_rows // max(rows_per_mat, 1), 1)  # experts in a 3-D tensor
+    row_out = info.row_bytes if p.copy else codecs.get_codec(p.type).row_bytes(cols)
+    if n_rows * row_out != p.nbytes:
+        raise OutputError(f"tensor '{info.name}': {n_rows} rows of {row_out} bytes, its type needs {p.nbytes}")
     per_mat_imp = None
     if importance is not None and not p.copy:
         if importance.size != cols * n_mat:
             raise InputError(f"imatrix entry for '{info.name}' has {importance.size} values, "
                              f"expected {cols * n_mat}")
         per_mat_imp = importance.reshape(n_mat, cols)
-    step = max(1, CHUNK_BYTES // (4 * max(cols, 1)))
+    step = max(1, chunk // (4 * max(cols, 1)))
+    out = []
+    for m in range(n_mat):
+        imp = per_mat_imp[m] if per_mat_imp is not None else None
+        for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
+            b = min(a + step, (m + 1) * rows_per_mat)
+            out.append(Slice(p, a, b, imp, offset + a * row_out, (b - a) * row_out))
+    if not out:  # no rows: the slice writes only the padding
+        out.append(Slice(p, 0, 0, None, offset, 0))
+    out[-1] = replace(out[-1], pad=pad)
+    return out
+
+
+def read_slice(reader: ModelReader, s: Slice, buf: np.ndarray | None = None) -> np.ndarray:
+    """The slice's input: stored bytes for a tensor that is copied, float32 rows otherwise (into
+    `buf` where the reader copies; valid until `buf` is reused)."""
     try:
-        for m in range(n_mat):
-            imp = per_mat_imp[m] if per_mat_imp is not None else None
-            for a in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
-                b = min(a + step, (m + 1) * rows_per_mat)
-                buf = None
-                if scratch:
-                    buf = scratch.pop(0)
-                    scratch.append(buf)
-                if p.copy:
-                    yield reader.raw_rows(info.name, a, b, buf)
-                else:
-                    x = reader.load_rows(info.name, a, b, buf)
-                    yield from _quantize_rows(x, p.type, imp, pool, n_threads)
-                reader.release(info.name)
+        if s.p.copy:
+            return reader.raw_rows(s.p.info.name, s.start, s.stop, buf)
+        return reader.load_rows(s.p.info.name, s.start, s.stop, buf)
     except QuantcliError as exc:
-        raise type(exc)(f"tensor '{info.name}': {exc.message}", exc.hint) from None
+        raise type(exc)(f"tensor '{s.p.info.name}': {exc.message}", exc.hint) from None
 
 
-def _quantize_rows(x: np.ndarray, type_name: str, imp: np.ndarray | None,
-                   pool: ThreadPoolExecutor | None, n_threads: int) -> list[np.ndarray]:
-    """The quantized rows of `x`, as consecutive pieces (one per thread: no copy to join them)."""
-    if pool is None or x.shape[0] < 2 * n_threads:
-        return [codecs.quantize(x, type_name, imp)]
-    bounds = np.linspace(0, x.shape[0], n_threads + 1).astype(int)
-    chunks = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    return list(pool.map(lambda c: codecs.quantize(c, type_name, imp), chunks))
+def encode_slice(s: Slice, x: np.ndarray) -> np.ndarray:
+    """The slice's output bytes from its input (`read_slice`)."""
+    try:
+        out = x if s.p.copy else codecs.quantize(x, s.p.type, s.importance)
+    except QuantcliError as exc:
+        raise type(exc)(f"tensor '{s.p.info.name}': {exc.message}", exc.hint) from None
+    out = out.reshape(-1).view(np.uint8)
+    if out.size != s.nbytes:
+        raise OutputError(f"tensor '{s.p.info.name}': rows {s.start}-{s.stop} gave {out.size} bytes, "
+                          f"expected {s.nbytes}")
+    return out
 
 
 def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
@@ -353,43 +378,46 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, 
     if not store.units and partial.exists():
         partial.unlink()  # left by a run whose checkpoints were not usable
     n_threads = opts.threads or os.cpu_count() or 1
-    units = units_of(plan)
+    chunk = chunk_bytes(n_threads)
     total_in = sum(p.info.nbytes for p in plan)
-    done_in, done_n, resumed = 0, 0, 0
-    scratch = [np.empty(CHUNK_BYTES, np.uint8) for _ in range(2)]
+    done = {"in": 0, "n": 0, "resumed": 0}
+
+    def tensor_done(p: PlannedTensor) -> None:
+        done["in"] += p.info.nbytes
+        done["n"] += 1
+        step(Progress("tensor", done["n"], len(plan), p.info.name, done["in"], total_in))
+
+    def unit_done(label: str, start: int, size: int, digest: Any) -> None:
+        # no fsync per unit: after a crash the recorded sha256 is checked before reuse
+        store.record(label, {"start": start, "bytes": size, "sha256": digest.hexdigest()})
+
     fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         os.ftruncate(fd, len(header) + data_size)
-        with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(n_threads)) if n_threads > 1 else None
-            # one thread writes and hashes chunk k while the next is read and quantized
-            writer = _OrderedWriter(fd, stack.enter_context(ThreadPoolExecutor(1)))
-            for label, group in units:
+        pipe = _Pipeline(fd, n_threads, chunk)
+        try:
+            for label, group in units_of(plan):
                 first = start_of[group[0].info.name]
                 if _unit_intact(fd, store, label, first):
-                    resumed += 1
-                    done_in += sum(p.info.nbytes for p in group)
-                    done_n += len(group)
-                    step(Progress("tensor", done_n, len(plan), group[-1].info.name, done_in, total_in))
+                    done["resumed"] += 1
+                    for p in group:
+                        pipe.then(functools.partial(tensor_done, p))
                     continue
-                digest, size = hashlib.sha256(), 0
+                digest = hashlib.sha256()
                 for p in group:
                     imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
-                    pos = start_of[p.info.name]
-                    for chunk in quantize_chunks(reader, p, imp, pool, n_threads, scratch):
-                        writer.put(chunk, pos, digest)
-                        pos += chunk.nbytes
-                    if pos - start_of[p.info.name] != p.nbytes:
-                        raise OutputError(f"tensor '{p.info.name}': wrote {pos - start_of[p.info.name]} "
-                                          f"bytes, its type needs {p.nbytes}")
-                    writer.put(np.zeros(padded[p.info.name] - p.nbytes, np.uint8), pos, digest)
-                    size += padded[p.info.name]
-                    done_in += p.info.nbytes
-                    done_n += 1
-                    step(Progress("tensor", done_n, len(plan), p.info.name, done_in, total_in))
-                writer.drain()
-                # no fsync per unit: after a crash the recorded sha256 is checked before reuse
-                store.record(label, {"start": first, "bytes": size, "sha256": digest.hexdigest()})
+                    start = start_of[p.info.name]
+                    for s in slices_of(p, imp, start, padded[p.info.name] - p.nbytes, chunk):
+                        buf = pipe.buffer()
+                        pipe.submit(functools.partial(_write_slice, fd, s, read_slice(reader, s, buf)),
+                                    digest, buf)
+                    reader.release(p.info.name)
+                    pipe.then(functools.partial(tensor_done, p))
+                pipe.then(functools.partial(unit_done, label, first,
+                                            sum(padded[p.info.name] for p in group), digest))
+            pipe.drain()
+        finally:
+            pipe.close()
         meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
         final_header, _, _ = gguf_layout(meta, tensors, alignment)
         if len(final_header) != len(header):
@@ -403,32 +431,79 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, 
         store.remove()
     elif not partial.exists():
         store.forget_units()  # the data moved to the output; keep only the manifest's key
-    return resumed
+    return done["resumed"]
 
 
 PARTIAL = "output.partial"
 
 
-class _OrderedWriter:
-    """Writes chunks at their offsets and feeds them to a digest, in order, on one thread, at most
-    one chunk behind the caller (which may then reuse the buffer of the chunk before)."""
+class _Pipeline:
+    """Slices in flight. The caller reads each slice (in order, into one of `window` reusable
+    buffers) and submits it; `n_threads` workers encode it and write it at its offset; one more
+    thread feeds the written bytes, in order, to their unit's digest. At most `window` slices are
+    in flight, so memory is `window` slices whatever the model. `then` runs a callback on the
+    caller's thread once everything submitted before it is written and hashed."""
 
-    def __init__(self, fd: int, thread: ThreadPoolExecutor) -> None:
-        self._fd, self._thread = fd, thread
-        self._pending: Any = None
+    def __init__(self, fd: int, n_threads: int, chunk: int) -> None:
+        self.window = window_of(n_threads)
+        self.free = [np.empty(chunk, np.uint8) for _ in range(self.window)]
+        self.pending: collections.deque = collections.deque()  # [hash future, buffer, callbacks]
+        self.workers = ThreadPoolExecutor(n_threads, thread_name_prefix="quantize")
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="quantize-hash")
 
-    def put(self, chunk: np.ndarray, offset: int, digest: Any) -> None:
-        self.drain()
-        self._pending = self._thread.submit(self._write, chunk, offset, digest)
+    def buffer(self) -> np.ndarray:
+        """A free input buffer (after retiring the oldest slices while the window is full)."""
+        while not self.free or len(self.pending) >= self.window:
+            self._retire()
+        return self.free.pop()
 
-    def _write(self, chunk: np.ndarray, offset: int, digest: Any) -> None:
-        _pwrite_all(self._fd, chunk, offset)
-        digest.update(chunk)
+    def submit(self, work: Callable[[], tuple[np.ndarray, ...]], digest: Any,
+               buf: np.ndarray | None = None) -> None:
+        """Run `work` (it writes bytes and returns them) on a worker; hash its bytes in order;
+        give `buf` back once they are hashed."""
+        written = self.workers.submit(work)
+        self.pending.append((self.hasher.submit(_hash_when_written, written, digest), buf, []))
+
+    def then(self, callback: Callable[[], None]) -> None:
+        if self.pending:
+            self.pending[-1][2].append(callback)
+        else:
+            callback()
+
+    def _retire(self) -> None:
+        hashed, buf, callbacks = self.pending.popleft()
+        hashed.result()  # raises what the worker raised
+        if buf is not None:
+            self.free.append(buf)
+        for callback in callbacks:
+            callback()
 
     def drain(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        while self.pending:
+            self._retire()
+
+    def close(self) -> None:
+        """Drop queued work (after an error or Ctrl-C) and wait for the running slices."""
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.hasher.shutdown(wait=True, cancel_futures=True)
+        self.workers.shutdown(wait=True)
+
+
+def _hash_when_written(written: Any, digest: Any) -> None:
+    for data in written.result():
+        digest.update(data)
+
+
+def _write_slice(fd: int, s: Slice, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Encode and write the slice (and its padding); returns the bytes written, in order."""
+    out = encode_slice(s, x)
+    _pwrite_all(fd, out, s.offset)
+    written: tuple[np.ndarray, ...] = (out,)
+    if s.pad:
+        written = (out, np.zeros(s.pad, np.uint8))
+        _pwrite_all(fd, written[1], s.offset + s.nbytes)
+    start_writeback(fd, s.offset, s.nbytes + s.pad)  # so the final fsync has little left to do
+    return written
 
 
 def _pwrite_all(fd: int, data: Any, offset: int) -> None:

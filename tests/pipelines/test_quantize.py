@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 
 from quantcli import codecs
 from quantcli.errors import InputError, OutputError, UsageError
-from quantcli.formats import GGUFWriter, open_model
+from quantcli.formats import GGUFWriter, TensorInfo, open_model
 from quantcli.pipelines import quantize as qp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,6 +98,32 @@ def test_threads_do_not_change_bytes(tiny, tmp_path, monkeypatch):
     assert a.read_bytes() == b.read_bytes()
 
 
+def test_small_slices_and_threads_do_not_change_bytes(tiny, tmp_path, monkeypatch):
+    """Tensors cut into many slices (more than are in flight at once, so input buffers are reused)
+    and quantized on several threads give the bytes of one slice per tensor on one thread."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    qp.run(qp.QuantizeOptions(tiny, a, "Q4_K_M", threads=1))
+    monkeypatch.setattr(qp, "CHUNK_BYTES", 4096)  # 4 rows of 256 floats per slice
+    qp.run(qp.QuantizeOptions(tiny, b, "Q4_K_M", threads=3))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_slices_of_an_expert_tensor_stay_within_each_matrix():
+    info = TensorInfo(name="blk.0.ffn_up_exps.weight", shape=(2, 8, 32), dtype="F32",
+                      ggml_type=Q.F32, nbytes=2 * 8 * 32 * 4, offset=0)
+    p = qp.PlannedTensor(info, "Q8_0", "test", 2 * 8 * 34)
+    imp = np.arange(64, dtype=np.float32)
+    slices = qp.slices_of(p, imp, offset=1000, pad=12, chunk=3 * 32 * 4)
+    assert [(s.start, s.stop) for s in slices] == [(0, 3), (3, 6), (6, 8), (8, 11), (11, 14), (14, 16)]
+    assert all(np.array_equal(s.importance, imp[:32] if s.start < 8 else imp[32:]) for s in slices)
+    assert [s.offset for s in slices] == [1000 + s.start * 34 for s in slices]
+    assert sum(s.nbytes for s in slices) == p.nbytes
+    assert [s.pad for s in slices] == [0, 0, 0, 0, 0, 12]
+    with pytest.raises(InputError, match="has 32 values, expected 64"):
+        qp.slices_of(p, imp[:32], offset=0, pad=0)
+
+
 def test_requantize_needs_flag(tiny, tmp_path):
     q = tmp_path / "q.gguf"
     qp.run(qp.QuantizeOptions(tiny, q, "Q8_0"))
@@ -143,7 +169,7 @@ def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
     qp.run(qp.QuantizeOptions(tiny, ref, "Q4_K_M"))
     out = tmp_path / "o.gguf"
     calls = {"n": 0}
-    real = qp.quantize_chunks
+    real = qp.slices_of
 
     def dying(*args, **kwargs):
         calls["n"] += 1
@@ -151,11 +177,11 @@ def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(qp, "quantize_chunks", dying)
+    monkeypatch.setattr(qp, "slices_of", dying)
     with pytest.raises(KeyboardInterrupt):
         qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
     assert not out.exists() and (tmp_path / "o.gguf.checkpoints" / "manifest.json").exists()
-    monkeypatch.setattr(qp, "quantize_chunks", real)
+    monkeypatch.setattr(qp, "slices_of", real)
     res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
     assert res.resumed_units >= 1
     assert out.read_bytes() == ref.read_bytes()
