@@ -10,8 +10,6 @@ from typing import Callable, Iterator, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 
 from quantcli.errors import Interrupted, QuantcliError
 from quantcli.progress import Progress as Step
@@ -55,6 +53,9 @@ def progress_bar(quiet: bool, label: str) -> Iterator[Callable[[Step], None] | N
     if quiet or not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    DownloadColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[name]}", style="dim"), console=err, transient=True)

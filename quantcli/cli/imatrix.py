@@ -9,7 +9,6 @@ from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from quantcli.cli.app import app
 from quantcli.cli.common import boundary, err
@@ -40,6 +39,9 @@ def imatrix(
     def warn(msg: str) -> None:
         if not quiet and not as_json:
             err.print(f"[yellow]warning:[/] {escape(msg)}")
+
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     show = not (quiet or as_json) and sys.stderr.isatty()
     bar = Progress(TextColumn("[bold]imatrix"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from quantcli import checkpoint
-from quantcli.calibrate import imatrix as calib
 from quantcli.calibrate import imatrix_file
 from quantcli.errors import UsageError
 from quantcli.formats.atomic import check_output
 from quantcli.pipelines.common import ProgressFn, read_text
+
+if TYPE_CHECKING:
+    from quantcli.calibrate import imatrix as calib
 
 DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
@@ -35,6 +37,8 @@ class ImatrixRunOptions:
 
 def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None) -> calib.ImatrixResult:
+    from quantcli.calibrate import imatrix as calib  # the forward pass: loaded by the command that uses it
+
     warn = warn or (lambda _msg: None)
     fmt = opts.output_format.lower()
     if fmt not in ("gguf", "dat"):
