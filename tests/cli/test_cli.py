@@ -88,10 +88,12 @@ def test_dequantize_cli_writes(tiny_gguf, tmp_path):
 
 
 def test_start_up_does_not_load_numba():
-    """Every command pays for what the CLI imports: numba (~0.15 s) loads only when a kernel runs."""
+    """Every command pays for what the CLI imports: numba (~0.15 s) loads only when a kernel runs,
+    the forward pass and the progress bar only in the commands that use them."""
     import subprocess
     import sys
 
-    code = "import sys, quantcli.cli.app; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    lazy = ('numba', 'llvmlite', 'quantcli.engine', 'quantcli.calibrate.imatrix', 'rich.progress')
+    code = f"import sys, quantcli.cli.app; print(sorted(m for m in {lazy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
