@@ -122,21 +122,62 @@ _U64 = struct.Struct("<Q")
 
 
 def _skip_strings(cur: _Cursor, count: int, key: str) -> None:
-    """Check and step over `count` length-prefixed strings (the vocabulary: 262k entries for Gemma,
-    so a tight loop that does not decode them; `StringArray` does that when they are used)."""
+    """Check and step over `count` length-prefixed strings (the vocabulary: 262k entries for Gemma)
+    without decoding them (`StringArray` does that when they are used): runs of short strings a
+    window at a time (`_short_strings`), anything else one by one."""
     buf, pos, size = cur.buf, cur.pos, cur.size
     unpack = _U64.unpack_from
-    for _ in range(count):
-        if pos + 8 > size:
-            cur.pos = pos
-            raise cur.fail(f"item of '{key}' runs past the end of the file (truncated or corrupt file)")
-        (n,) = unpack(buf, pos)
-        pos += 8
-        if n > size - pos:
-            cur.pos = pos
-            raise cur.fail(f"item of '{key}' claims {n} bytes but only {size - pos} remain")
-        pos += n
+    left = count
+    while left:
+        if left >= _WINDOWED_MIN:
+            n, pos = _short_strings(buf, pos, size, left)
+            left -= n
+            if n >= 64:
+                continue
+        for _ in range(min(left, 4096)):  # long strings, zeros inside strings, the tail, errors
+            if pos + 8 > size:
+                cur.pos = pos
+                raise cur.fail(f"item of '{key}' runs past the end of the file (truncated or corrupt file)")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                cur.pos = pos
+                raise cur.fail(f"item of '{key}' claims {n} bytes but only {size - pos} remain")
+            pos += n
+            left -= 1
     cur.pos = pos
+
+
+_WINDOWED_MIN = 1024  # strings left before a windowed pass is worth its set-up
+
+
+def _short_strings(buf: memoryview, pos: int, size: int, left: int) -> tuple[int, int]:
+    """Step over the run of strings shorter than 256 bytes that starts at `pos`, looking at up to
+    1 MB of the file at once: (strings stepped over, at most `left`; the position after them).
+
+    A string's 8-byte length below 256 is a byte followed by seven zero bytes, so every position
+    followed by seven zeros is a candidate start. Starting from `pos`, the run is the longest prefix
+    of the candidates in which each string ends exactly where the next candidate begins: each of
+    them is then a real start, by induction. A false candidate (seven zeros inside a string's bytes)
+    only ends the run early; a string running past the end of the file is left out of it, for the
+    one-by-one walk to report."""
+    w = min(size - pos, 1 << 20, max(4096, 32 * left))
+    if w < 8:
+        return 0, pos
+    a = np.frombuffer(buf, np.uint8, count=w, offset=pos)
+    z = a == 0
+    z2 = z[:-1] & z[1:]
+    z4 = z2[:-2] & z2[2:]
+    z7 = z4[:-3] & z4[3:]  # z7[i]: bytes i..i+6 are all zero
+    starts = np.flatnonzero(z7[1:])  # lengths below 256 whose 8 bytes lie in the window
+    if starts.size == 0 or starts[0] != 0:
+        return 0, pos
+    ends = starts + 8 + a[starts]
+    linked = ends[:-1] == starts[1:]
+    n = min(int(np.argmin(linked)) + 1 if not linked.all() else starts.size, left)
+    if pos + int(ends[n - 1]) > size:
+        n -= 1
+    return n, pos + (int(ends[n - 1]) if n else 0)
 
 
 class GGUFReader(ModelReader):

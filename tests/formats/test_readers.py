@@ -107,3 +107,57 @@ def test_real_model_lists_236_tensors(real_model):
     with open_model(real_model) as m:
         assert len(m.tensors) == 236
         assert m.architecture == "gemma3" and m.summary()["layers"] == 18
+
+
+def _strings_blob(strings: list[bytes]) -> bytes:
+    return b"".join(len(s).to_bytes(8, "little") + s for s in strings)
+
+
+def _walk_one_by_one(blob: bytes, count: int) -> int | str:
+    """Where `count` strings end, or which check fails: the plain reading of the format."""
+    pos = 0
+    for _ in range(count):
+        if pos + 8 > len(blob):
+            return "runs past the end"
+        n = int.from_bytes(blob[pos:pos + 8], "little")
+        pos += 8
+        if n > len(blob) - pos:
+            return "claims"
+        pos += n
+    return pos
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_string_array_walk_matches_one_by_one(seed):
+    """The windowed walk over string arrays (runs of strings under 256 bytes) ends where reading
+    one string at a time ends, and fails where it fails: long strings, empty ones, runs of zero
+    bytes inside strings (false starts), arrays cut short."""
+    from pathlib import Path
+
+    from quantcli.errors import InputError
+    from quantcli.formats.gguf import _Cursor, _skip_strings
+
+    rng = np.random.default_rng(seed)
+    strings = []
+    odd = [0.0, 0.002, 0.02, 0.2][seed % 4]  # share of long strings and of zero-filled ones
+    for _ in range(int(rng.integers(900, 20000))):
+        kind = rng.random()
+        if kind < odd / 2:
+            s = bytes(rng.integers(0, 256, int(rng.integers(256, 700)), dtype=np.uint8))  # long
+        elif kind < odd:
+            s = b"\0" * int(rng.integers(0, 40))  # empty, or zeros: false starts inside the string
+        else:
+            s = bytes(rng.integers(0, 256, int(rng.integers(1, 30)), dtype=np.uint8))
+        strings.append(s)
+    blob = _strings_blob(strings) + b"tail"
+    for count, cut in [(len(strings), len(blob)), (len(strings) - 7, len(blob)),
+                       (len(strings), int(rng.integers(len(blob) // 2, len(blob) - 4)))]:
+        data = blob[:cut]
+        expect = _walk_one_by_one(data, count)
+        cur = _Cursor(memoryview(data), Path("v.gguf"))
+        if isinstance(expect, str):
+            with pytest.raises(InputError, match=expect):
+                _skip_strings(cur, count, "tokenizer.ggml.tokens")
+        else:
+            _skip_strings(cur, count, "tokenizer.ggml.tokens")
+            assert cur.pos == expect
