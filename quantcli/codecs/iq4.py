@@ -28,22 +28,29 @@ _SIGMA_NL = np.float32(2.0 / 32)  # sigma2 *= 2.f/super_block_size
 _SIGMA_XS = np.float32(2.0 / 256)
 
 
+def _upper_table(values: np.ndarray) -> np.ndarray:
+    """For k = floor(x) in [values[0], values[15]): the first level above k, i.e. where the binary
+    search of best_index_int8 ends (values are integers, so x < values[i] exactly when k < values[i])."""
+    lo, hi = int(values[0]), int(values[-1])
+    return np.array([int(np.argmax(values > k)) for k in range(lo, hi)], dtype=np.intp)
+
+
+_UPPER = _upper_table(KVALUES)
+_LOWEST = np.float64(-KVALUES[0])  # x + this >= 0 inside the table's range
+
+
 @njit(**JIT_INLINE)
 def best_index_int8(values, x):
-    """as best_index_int8(16, values, x): the nearest of 16 sorted levels, ties to the upper."""
+    """as best_index_int8(16, values, x): the nearest of 16 sorted levels, ties to the upper. The
+    binary search's end point comes from a table indexed by floor(x) (taken in float64, where
+    x + 127 is exact); the final comparison is C's, in float32, taken without a branch. Unsigned
+    indices: numba checks signed ones for wrap-around, which made this 5x slower."""
     if x <= values[0]:
         return 0
-    if x >= values[15]:
+    if x >= values[15] or x != x:  # NaN: every comparison in C's search is false, it ends at 15
         return 15
-    ml = 0
-    mu = 15
-    while mu - ml > 1:
-        mav = (ml + mu) // 2
-        if x < values[mav]:
-            mu = mav
-        else:
-            ml = mav
-    return mu - 1 if x - values[mu - 1] < values[mu] - x else mu
+    mu = _UPPER[int(np.float64(x) + _LOWEST)]
+    return mu - np.intp(x - values[np.uintp(mu - 1)] < values[np.uintp(mu)] - x)
 
 
 @njit(**JIT_INLINE)

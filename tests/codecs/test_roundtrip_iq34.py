@@ -50,3 +50,41 @@ def test_cols_not_multiple_of_block(qtype):
 def test_importance_length_checked(qtype):
     with pytest.raises(UsageError, match="importance has 128 values, rows have 512 columns"):
         codecs.quantize(np.ones((1, 512), dtype=np.float32), qtype, np.ones(128, dtype=np.float32))
+
+
+def test_iq4_level_lookup_equals_ggml_binary_search():
+    """best_index_int8 finds the level through a table on floor(x); ggml runs a binary search. Same
+    index for a stride through every float32 bit pattern (the whole range was checked once:
+    2^32 values, no difference), the levels, their midpoints and their neighbours."""
+    from numba import njit
+
+    from quantcli.codecs import iq4
+
+    @njit(cache=False)
+    def ggml_search(values, x):  # best_index_int8(16, values, x), ggml-quants.c
+        if x <= values[0]:
+            return 0
+        if x >= values[15]:
+            return 15
+        ml, mu = 0, 15
+        while mu - ml > 1:
+            mav = (ml + mu) // 2
+            if x < values[mav]:
+                mu = mav
+            else:
+                ml = mav
+        return mu - 1 if x - values[mu - 1] < values[mu] - x else mu
+
+    @njit(cache=False)
+    def differences(values, xs):
+        n = 0
+        for x in xs:
+            n += ggml_search(values, x) != iq4.best_index_int8(values, x)
+        return n
+
+    v = iq4.KVALUES
+    mids = ((v[1:] + v[:-1]) / 2).astype(np.float32)
+    near = np.concatenate([v, mids, np.arange(-130, 120, dtype=np.float32)])
+    xs = np.concatenate([np.arange(0, 1 << 32, 4093, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                         near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))])
+    assert differences(v, xs) == 0
