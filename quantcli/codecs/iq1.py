@@ -18,13 +18,20 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit
 
-from quantcli.codecs._ggml_math import F0, F1, JIT, fp32_to_fp16, nearest_int
+from quantcli.codecs._ggml_math import F0, F1, JIT, f32_bits, fp32_to_fp16, nearest_int
 from quantcli.codecs.gguf_backed import GgufBacked
 from quantcli.codecs.iq2 import FLT_MAX, HALF, F256, grid_tables
 
 DELTA = np.float32(0.125)  # IQ1S_DELTA == IQ1M_DELTA
 # x_p = {-1 + delta, delta, 1 + delta} (row 0), x_m = {-1 - delta, -delta, 1 - delta} (row 1)
 XX = np.array([[-F1 + DELTA, DELTA, F1 + DELTA], [-F1 - DELTA, -DELTA, F1 - DELTA]], dtype=np.float32)
+_XP = (XX[0, 0], XX[0, 1], XX[0, 2])
+_XM = (XX[1, 0], XX[1, 1], XX[1, 2])
+# quantize_row_iq1_m_impl's level differences (float32 products and differences, as in C)
+_CP1 = XX[0, 0] * XX[0, 0] - XX[0, 1] * XX[0, 1]
+_CP2 = XX[0, 1] * XX[0, 1] - XX[0, 2] * XX[0, 2]
+_CM1 = XX[1, 0] * XX[1, 0] - XX[1, 1] * XX[1, 1]
+_CM2 = XX[1, 1] * XX[1, 1] - XX[1, 2] * XX[1, 2]
 F15 = np.float32(15.0)
 GROUP_MAX_EPS_IQ1_S = np.float32(1e-12)
 GROUP_MAX_EPS_IQ1_M = np.float32(1e-7)
@@ -32,16 +39,23 @@ IQ1M_MASKS = (0x00, 0x80, 0x08, 0x88)  # qh bits telling which halves use x_m
 
 
 @njit(**JIT)
-def sort_indices(x, r, xo, n, idx):
+def sort_indices(x, r, xo, n, idx, key):
     """as qsort(pairs, n, 2*sizeof(float), iq1_sort_helper): idx <- 0..n-1 by ascending x, stably
-    (glibc sorts with merge sort; -0.0 and 0.0 compare equal, as in the comparator)."""
+    (glibc sorts with merge sort; -0.0 and 0.0 compare equal, as in the comparator).
+
+    Each value's rank is counted with branch-free compares (vectorized) of unique integer keys:
+    the float's bits mapped to an order-preserving unsigned value (x + 0 turns -0.0 into 0.0),
+    then its index, so ties keep index order. An insertion sort mispredicts a branch per step."""
     for j in range(n):
-        v = x[r, xo + j]
-        k = j
-        while k > 0 and x[r, xo + idx[k - 1]] > v:
-            idx[k] = idx[k - 1]
-            k -= 1
-        idx[k] = j
+        b = f32_bits(x[r, xo + j] + F0)
+        b ^= 0xFFFFFFFF if b >> 31 else 0x80000000  # negatives reversed, below the positives
+        key[j] = (b << 6) | j
+    for j in range(n):
+        rank = 0
+        kj = key[j]
+        for i in range(n):
+            rank += key[i] < kj
+        idx[rank] = j
 
 
 @njit(**JIT)
@@ -51,11 +65,12 @@ def find_best_neighbour2(t_neigh, off, t_levels, x, r, xo, weight, wo, scale, xx
     scan only runs when every distance is Inf/NaN, i.e. for inputs that overflow fp16 anyway.)"""
     best_d2 = FLT_MAX
     best = -1
+    off = np.uintp(off)  # unsigned indices: no wrap-around branch
     for j in range(1, t_neigh[off] + 1):
-        g = t_neigh[off + j]
+        g = t_neigh[off + np.uintp(j)]
         d2 = F0
         for i in range(8):
-            q = xx[t_levels[g, i]]
+            q = xx[np.uintp(t_levels[g, i])]
             w = weight[wo + i]
             diff = scale * q - x[r, xo + i]
             d2 += w * diff * diff
@@ -128,11 +143,25 @@ def _refit(x, r, xb, ngroups, weight, scale, xsel, index, t_levels):
 
 
 # -- IQ1_S -----------------------------------------------------------------------------------------
+# The split searches below score every (i1, i2, shift) in C's order, keeping the first that beats
+# the best so far. For one i1, all i2 are first scored at once (a vectorized loop, each sum in
+# C's float order) only to learn whether any of them beats the best so far: if none does, C's
+# sequential pass over them changes nothing and is skipped; else it runs, recomputing the same
+# sums. Few i1 improve on the best, so most of the search runs in vector lanes.
 @njit(**JIT)
-def _iq1_s_split(x, r, xb, weight, idx, sumx, sumw):
+def _iq1_s_sums(a, b, c, aw, bw, cw):
+    """sumqx, sumq2 for x_p (shift +1), then for x_m (shift -1), as quantize_row_iq1_s_impl."""
+    p0, p1, p2 = _XP
+    m0, m1, m2 = _XM
+    return (a * p0 + b * p1 + c * p2, aw * p0 * p0 + bw * p1 * p1 + cw * p2 * p2,
+            a * m0 + b * m1 + c * m2, aw * m0 * m0 + bw * m1 * m1 + cw * m2 * m2)
+
+
+@njit(**JIT)
+def _iq1_s_split(x, r, xb, weight, idx, key, sumx, sumw):
     """Exhaustive search of the two split points over the sorted values (sub-block of 32), for
     both shifts. Returns (scale, i1, i2, shift), shift 0 when nothing qualified."""
-    sort_indices(x, r, xb, 32, idx)
+    sort_indices(x, r, xb, 32, idx, key)
     sumx[0] = F0
     sumw[0] = F0
     for j in range(32):
@@ -145,19 +174,22 @@ def _iq1_s_split(x, r, xb, weight, idx, sumx, sumw):
     besti2 = -1
     best_shift = 0
     for i1 in range(33):
+        a = sumx[i1] - sumx[0]
+        aw = sumw[i1] - sumw[0]
+        hit = False
+        for i2 in range(33):  # a fixed trip count vectorizes better; i2 < i1 are masked off
+            qx_p, q2_p, qx_m, q2_m = _iq1_s_sums(a, sumx[i2] - sumx[i1], sumx[32] - sumx[i2],
+                                                 aw, sumw[i2] - sumw[i1], sumw[32] - sumw[i2])
+            hit |= (i2 >= i1) & (((q2_p > F0) & (qx_p * qx_p > best_score * q2_p))
+                                 | ((q2_m > F0) & (qx_m * qx_m > best_score * q2_m)))
+        if not hit:
+            continue
         for i2 in range(i1, 33):
-            a = sumx[i1] - sumx[0]
-            b = sumx[i2] - sumx[i1]
-            c = sumx[32] - sumx[i2]
-            aw = sumw[i1] - sumw[0]
-            bw = sumw[i2] - sumw[i1]
-            cw = sumw[32] - sumw[i2]
+            sums = _iq1_s_sums(a, sumx[i2] - sumx[i1], sumx[32] - sumx[i2],
+                               aw, sumw[i2] - sumw[i1], sumw[32] - sumw[i2])
             for s in range(2):
-                p0 = XX[s, 0]
-                p1 = XX[s, 1]
-                p2 = XX[s, 2]
-                sumqx = a * p0 + b * p1 + c * p2
-                sumq2 = aw * p0 * p0 + bw * p1 * p1 + cw * p2 * p2
+                sumqx = sums[2 * s]
+                sumq2 = sums[2 * s + 1]
                 if sumq2 > F0 and sumqx * sumqx > best_score * sumq2:
                     scale = sumqx / sumq2
                     best_score = scale * sumqx
@@ -175,6 +207,7 @@ def _iq1_s_rows(x, qw, kmap, t_neigh, t_levels, out):
     sumx = np.empty(33, np.float32)
     sumw = np.empty(33, np.float32)
     idx = np.empty(32, np.int64)
+    key = np.empty(32, np.int64)
     L = np.zeros(32, np.int64)
     index = np.zeros(4, np.int64)
     xsel = np.zeros(4, np.int64)
@@ -198,7 +231,7 @@ def _iq1_s_rows(x, qw, kmap, t_neigh, t_levels, out):
                 shifts[ib] = 1
                 if _absmax(x, r, xb, 32) < GROUP_MAX_EPS_IQ1_S:
                     continue
-                scale, i1, i2, shift = _iq1_s_split(x, r, xb, weight, idx, sumx, sumw)
+                scale, i1, i2, shift = _iq1_s_split(x, r, xb, weight, idx, key, sumx, sumw)
                 if i1 < 0 or i2 < 0 or shift == 0:
                     continue
                 _split_levels(idx, 32, i1, i2, L)
@@ -238,10 +271,28 @@ def _iq1_s_rows(x, qw, kmap, t_neigh, t_levels, out):
 
 # -- IQ1_M -----------------------------------------------------------------------------------------
 @njit(**JIT)
-def _iq1_m_split(x, r, xb, weight, idx, px, pw):
+def _iq1_m_sums(tx0, tx1, tw0, tw1, sx0, sx1, w01, w02, w11, w12):
+    """sumqx, sumq2 of the 4 shift combinations (0: +,+  1: +,-  2: -,+  3: -,-  for the first
+    and second half), from the prefix sums as quantize_row_iq1_m_impl."""
+    p2 = _XP[2]
+    m2 = _XM[2]
+    qx_p0 = tx0 * p2 - sx0
+    qx_m0 = tx0 * m2 - sx0
+    qx_p1 = tx1 * p2 - sx1
+    qx_m1 = tx1 * m2 - sx1
+    q2_p0 = tw0 * p2 * p2 + w01 * _CP1 + w02 * _CP2
+    q2_m0 = tw0 * m2 * m2 + w01 * _CM1 + w02 * _CM2
+    q2_p1 = tw1 * p2 * p2 + w11 * _CP1 + w12 * _CP2
+    q2_m1 = tw1 * m2 * m2 + w11 * _CM1 + w12 * _CM2
+    return (qx_p0 + qx_p1, q2_p0 + q2_p1, qx_p0 + qx_m1, q2_p0 + q2_m1,
+            qx_m0 + qx_p1, q2_m0 + q2_p1, qx_m0 + qx_m1, q2_m0 + q2_m1)
+
+
+@njit(**JIT)
+def _iq1_m_split(x, r, xb, weight, idx, key, px, pw):
     """The split search of quantize_row_iq1_m_impl (sub-block of 16, each half of 8 with its own
     shift): prefix sums per half, 4 sign combinations. Returns (scale, i1, i2, best_k)."""
-    sort_indices(x, r, xb, 16, idx)
+    sort_indices(x, r, xb, 16, idx, key)
     px[0, 0] = F0
     px[1, 0] = F0
     pw[0, 0] = F0
@@ -253,33 +304,30 @@ def _iq1_m_split(x, r, xb, weight, idx, px, pw):
         px[1 - h, j + 1] = px[1 - h, j]
         pw[h, j + 1] = pw[h, j] + weight[i]
         pw[1 - h, j + 1] = pw[1 - h, j]
-    p2 = XX[0, 2]
-    m2 = XX[1, 2]
-    cp1 = XX[0, 0] * XX[0, 0] - XX[0, 1] * XX[0, 1]
-    cp2 = XX[0, 1] * XX[0, 1] - XX[0, 2] * XX[0, 2]
-    cm1 = XX[1, 0] * XX[1, 0] - XX[1, 1] * XX[1, 1]
-    cm2 = XX[1, 1] * XX[1, 1] - XX[1, 2] * XX[1, 2]
+    px0, px1, pw0, pw1 = px[0], px[1], pw[0], pw[1]
+    tx0, tx1, tw0, tw1 = px0[16], px1[16], pw0[16], pw1[16]
     best_score = -FLT_MAX
     scale = _absmax(x, r, xb, 16)
     besti1 = -1
     besti2 = -1
     best_k = -1
     for i1 in range(17):
+        hit = False  # as in _iq1_s_split
+        for i2 in range(17):
+            s = _iq1_m_sums(tx0, tx1, tw0, tw1, px0[i1] + px0[i2], px1[i1] + px1[i2],
+                            pw0[i1], pw0[i2], pw1[i1], pw1[i2])
+            hit |= (i2 >= i1) & (((s[1] > F0) & (s[0] * s[0] > best_score * s[1]))
+                                 | ((s[3] > F0) & (s[2] * s[2] > best_score * s[3]))
+                                 | ((s[5] > F0) & (s[4] * s[4] > best_score * s[5]))
+                                 | ((s[7] > F0) & (s[6] * s[6] > best_score * s[7])))
+        if not hit:
+            continue
         for i2 in range(i1, 17):
-            sx0 = px[0, i1] + px[0, i2]
-            sx1 = px[1, i1] + px[1, i2]
-            qx_p0 = px[0, 16] * p2 - sx0
-            qx_m0 = px[0, 16] * m2 - sx0
-            qx_p1 = px[1, 16] * p2 - sx1
-            qx_m1 = px[1, 16] * m2 - sx1
-            q2_p0 = pw[0, 16] * p2 * p2 + pw[0, i1] * cp1 + pw[0, i2] * cp2
-            q2_m0 = pw[0, 16] * m2 * m2 + pw[0, i1] * cm1 + pw[0, i2] * cm2
-            q2_p1 = pw[1, 16] * p2 * p2 + pw[1, i1] * cp1 + pw[1, i2] * cp2
-            q2_m1 = pw[1, 16] * m2 * m2 + pw[1, i1] * cm1 + pw[1, i2] * cm2
+            s = _iq1_m_sums(tx0, tx1, tw0, tw1, px0[i1] + px0[i2], px1[i1] + px1[i2],
+                            pw0[i1], pw0[i2], pw1[i1], pw1[i2])
             for k in range(4):
-                # 0: +,+  1: +,-  2: -,+  3: -,-  (first half, second half)
-                sumqx = (qx_p0 if k < 2 else qx_m0) + (qx_p1 if k % 2 == 0 else qx_m1)
-                sumq2 = (q2_p0 if k < 2 else q2_m0) + (q2_p1 if k % 2 == 0 else q2_m1)
+                sumqx = s[2 * k]
+                sumq2 = s[2 * k + 1]
                 if sumq2 > F0 and sumqx * sumqx > best_score * sumq2:
                     scale = sumqx / sumq2
                     best_score = scale * sumqx
@@ -297,6 +345,7 @@ def _iq1_m_rows(x, qw, kmap, t_neigh, t_levels, out):
     px = np.empty((2, 17), np.float32)
     pw = np.empty((2, 17), np.float32)
     idx = np.empty(16, np.int64)
+    key = np.empty(16, np.int64)
     L = np.zeros(16, np.int64)
     index = np.zeros(2, np.int64)
     xsel = np.zeros(2, np.int64)
@@ -319,7 +368,7 @@ def _iq1_m_rows(x, qw, kmap, t_neigh, t_levels, out):
                 shifts[ib] = 0
                 if _absmax(x, r, xb, 16) < GROUP_MAX_EPS_IQ1_M:
                     continue
-                scale, i1, i2, best_k = _iq1_m_split(x, r, xb, weight, idx, px, pw)
+                scale, i1, i2, best_k = _iq1_m_split(x, r, xb, weight, idx, key, px, pw)
                 if i1 < 0 or i2 < 0 or best_k < 0:
                     continue
                 _split_levels(idx, 16, i1, i2, L)

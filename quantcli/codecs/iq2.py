@@ -45,7 +45,7 @@ GROUP_MAX_EPS_IQ2_S = np.float32(1e-8)
 # -- grid tables, as iq2xs_init_impl ---------------------------------------------------------------
 class GridTables(NamedTuple):
     levels: np.ndarray  # (n, 8) int8: l in {0,1,2} of each grid point (C stores 2l+1)
-    values: np.ndarray  # (n, 8) float32: 2l+1, the `pg[i]` iq2_find_best_neighbour multiplies
+    slots: np.ndarray  # (n, 8) uint8: 4i + l, where position i at level l sits in a table of terms
     kmap: np.ndarray  # (KMAP_SIZE,) int32: grid index, or -(offset+1) into neighbours when off grid
     neighbours: np.ndarray  # uint16: at each offset a count, then that many grid indices
 
@@ -118,8 +118,8 @@ def _build_tables(kgrid_, nwant):
         if reachable[u]:
             kmap[u] = -(pos + 1)
             pos += 1 + _neighbour_list(u, levels, nwant, d2, neighbours, pos)
-    values = (np.float32(2.0) * levels.astype(np.float32) + F1).astype(np.float32)
-    return levels, values, kmap, neighbours
+    slots = (4 * np.arange(8) + levels).astype(np.uint8)
+    return levels, slots, kmap, neighbours
 
 
 @lru_cache(maxsize=None)
@@ -140,8 +140,8 @@ def grid_tables(qtype: Q) -> GridTables:
 # The hot loop (_search) is written out in one function: numba passes each array argument as a
 # dozen words, and inline="always" adds reference counting, so small helpers there cost 2x.
 @njit(**JIT)
-def _search(xval, weight, waux, LL, og, n, base, is_lo, is_hi, scale, resnap_all,
-            kmap, t_neigh, t_values, t_levels):
+def _search(xval, weight, waux, LL, og, term, n, base, is_lo, is_hi, scale, resnap_all,
+            kmap, t_neigh, t_slots, t_levels):
     """The scale search of quantize_row_iq2_{xxs,xs,s}_impl for a sub-block of n = 32 or 16 values
     (n/8 grid points); `scale` is C's starting scale. Returns the scale; LL[0, :n] <- the levels.
 
@@ -149,7 +149,7 @@ def _search(xval, weight, waux, LL, og, n, base, is_lo, is_hi, scale, resnap_all
     0, 2), a group off the grid replaced by its best neighbour (iq2_find_best_neighbour at scale
     1/id); keep the levels maximising (sum w*x*q)^2 / sum w*q^2, q = 2l+1. Then snap once more at
     the best scale, every group (IQ2_XXS) or only those that were off the grid (XS, S), and refit.
-    LL (2, 32) int64 and og (2, 4) bool: row 0 the best, row 1 the current try.
+    LL (2, 32) int64 and og (2, 4) bool: row 0 the best, row 1 the current try; term (32,) float32.
     """
     ngroups = n // 8
     for i in range(n):
@@ -183,16 +183,23 @@ def _search(xval, weight, waux, LL, og, n, base, is_lo, is_hi, scale, resnap_all
             og[1, k] = kmap[u] >= 0
             if og[1, k]:
                 continue
-            # iq2_find_best_neighbour: min sum waux*(nscale*q - x)^2 over the listed points
-            off = -kmap[u] - 1
+            # iq2_find_best_neighbour: min sum waux*(nscale*q - x)^2 over the listed points.
+            # A term takes one of 3 values per position (q = 1, 3, 5): computed once here with
+            # C's float ops, a neighbour then sums 8 looked-up terms in C's order
+            for i in range(8):
+                xi = xval[8 * k + i]
+                wi = waux[8 * k + i]
+                for l in range(3):
+                    diff = nscale * np.float32(2 * l + 1) - xi
+                    term[4 * i + l] = wi * diff * diff
+            off = np.uintp(-kmap[u] - 1)  # unsigned indices: no wrap-around branch
             best_d2 = FLT_MAX
             gi = -1
             for j in range(1, t_neigh[off] + 1):
-                g = t_neigh[off + j]
+                g = t_neigh[off + np.uintp(j)]
                 d2 = F0
                 for i in range(8):
-                    diff = nscale * t_values[g, i] - xval[8 * k + i]
-                    d2 += waux[8 * k + i] * diff * diff
+                    d2 += term[t_slots[g, i]]
                 if d2 < best_d2:
                     best_d2 = d2
                     gi = g
@@ -287,7 +294,7 @@ def _grid_index(LL, k, kmap):
 
 # -- IQ2_XXS ---------------------------------------------------------------------------------------
 @njit(**JIT)
-def _iq2_xxs_rows(x, qw, kmap, t_neigh, t_values, t_levels, out):
+def _iq2_xxs_rows(x, qw, kmap, t_neigh, t_slots, t_levels, out):
     # (rows, cols) -> (rows, cols // 256 * 66), as quantize_iq2_xxs
     rows, cols = x.shape
     weight = np.empty(32, np.float32)
@@ -295,6 +302,7 @@ def _iq2_xxs_rows(x, qw, kmap, t_neigh, t_values, t_levels, out):
     xval = np.empty(32, np.float32)
     LL = np.zeros((2, 32), np.int64)
     og = np.zeros((2, 4), np.bool_)
+    term = np.zeros(32, np.float32)
     Lu8 = np.zeros(32, np.uint8)
     scales = np.empty(8, np.float32)
     q2 = np.zeros(16, np.int64)  # uint32 q2[16]
@@ -317,8 +325,8 @@ def _iq2_xxs_rows(x, qw, kmap, t_neigh, t_values, t_levels, out):
                 eff_max = scale * F3
                 if eff_max <= F0:
                     continue
-                scale = _search(xval, weight, waux, LL, og, 32, eff_max, -6, 6, scale, True,
-                                kmap, t_neigh, t_values, t_levels)
+                scale = _search(xval, weight, waux, LL, og, term, 32, eff_max, -6, 6, scale, True,
+                                kmap, t_neigh, t_slots, t_levels)
                 if scale < F0:  # "should never happen": flip the scale and the signs
                     scale = -scale
                     for k in range(4):
@@ -357,7 +365,7 @@ def _put_nibble_scales(out, r, at, scales, d):
 
 
 @njit(**JIT)
-def _iq2_16_rows(x, qw, is_s, kmap, t_neigh, t_values, t_levels, out):
+def _iq2_16_rows(x, qw, is_s, kmap, t_neigh, t_slots, t_levels, out):
     # (rows, cols) -> (rows, cols // 256 * (74 or 82)), as quantize_iq2_xs / quantize_iq2_s
     rows, cols = x.shape
     bsize = 82 if is_s else 74
@@ -367,6 +375,7 @@ def _iq2_16_rows(x, qw, is_s, kmap, t_neigh, t_values, t_levels, out):
     xval = np.empty(16, np.float32)
     LL = np.zeros((2, 32), np.int64)
     og = np.zeros((2, 4), np.bool_)
+    term = np.zeros(32, np.float32)
     scales = np.empty(16, np.float32)
     signs = np.zeros(2, np.int64)
     for r in range(rows):
@@ -384,8 +393,8 @@ def _iq2_16_rows(x, qw, is_s, kmap, t_neigh, t_values, t_levels, out):
                 vmax = _vmax(xval, 16)
                 if vmax < eps:
                     continue
-                scale = _search(xval, weight, waux, LL, og, 16, vmax, -9, 9, vmax / F5, False,
-                                kmap, t_neigh, t_values, t_levels)
+                scale = _search(xval, weight, waux, LL, og, term, 16, vmax, -9, 9, vmax / F5,
+                                False, kmap, t_neigh, t_slots, t_levels)
                 if scale < F0:
                     scale = -scale
                     for k in range(2):
@@ -416,7 +425,7 @@ def _iq2_16_rows(x, qw, is_s, kmap, t_neigh, t_values, t_levels, out):
 
 def _tables(qtype: Q):
     t = grid_tables(qtype)
-    return t.kmap, t.neighbours, t.values, t.levels
+    return t.kmap, t.neighbours, t.slots, t.levels
 
 
 class IQ2_XXS(GgufBacked, ggml_type=Q.IQ2_XXS):

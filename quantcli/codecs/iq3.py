@@ -72,7 +72,8 @@ def grid_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(**JIT_INLINE)
-def _snap_groups(xval, waux, iscale, scale, levels, kmap, neigh, L, on_grid, only_off_grid):
+def _snap_groups(xval, waux, iscale, scale, levels, qvals, kmap, neigh, L, on_grid,
+                 only_off_grid):
     """Levels L (32,) of the 8 groups of 4 in xval at 1/iscale; on_grid[k] says whether group k's
     levels were a grid point. One that is not becomes its best listed neighbour at `scale`, as
     iq3_find_best_neighbour: min over neighbours of sum waux*(scale*q - xval)^2, first on ties.
@@ -99,7 +100,7 @@ def _snap_groups(xval, waux, iscale, scale, levels, kmap, neigh, L, on_grid, onl
             g = int(neigh[start + j])
             d2 = F0
             for i in range(4):
-                diff = scale * np.float32(2 * levels[g, i] + 1) - xval[o + i]
+                diff = scale * qvals[g, i] - xval[o + i]
                 d2 += waux[o + i] * diff * diff
             if d2 < best_d2:
                 best_d2 = d2
@@ -120,8 +121,8 @@ def _sums(xval, weight, L):
 
 
 @njit(**JIT_INLINE)
-def _block_search(xval, weight, waux, vmax, levels, kmap, neigh, n_is, is_xxs, L, Laux, on_grid,
-                  on_grid_aux):
+def _block_search(xval, weight, waux, vmax, levels, qvals, kmap, neigh, n_is, is_xxs, L, Laux,
+                  on_grid, on_grid_aux):
     """The scale search of quantize_row_iq3_{xxs,s}_impl for one block of 32 -> scale, L (32,).
 
     IQ3_XXS tries is in -15..15, starts with every group "on grid" and re-snaps only groups that
@@ -136,7 +137,8 @@ def _block_search(xval, weight, waux, vmax, levels, kmap, neigh, n_is, is_xxs, L
     for is_ in range(-n_is, n_is + 1):
         iscale = (_F15 + np.float32(is_) * _STEP) / vmax
         this_scale = F1 / iscale
-        _snap_groups(xval, waux, iscale, this_scale, levels, kmap, neigh, Laux, on_grid_aux, False)
+        _snap_groups(xval, waux, iscale, this_scale, levels, qvals, kmap, neigh, Laux, on_grid_aux,
+                     False)
         sumqx, sumq2 = _sums(xval, weight, Laux)
         if sumq2 > F0 and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -148,7 +150,7 @@ def _block_search(xval, weight, waux, vmax, levels, kmap, neigh, n_is, is_xxs, L
         if not on_grid[k]:
             n_not_on_grid += 1
     if n_not_on_grid > 0 and scale > F0:
-        _snap_groups(xval, waux, F1 / scale, scale, levels, kmap, neigh, L, on_grid, is_xxs)
+        _snap_groups(xval, waux, F1 / scale, scale, levels, qvals, kmap, neigh, L, on_grid, is_xxs)
         sumqx, sumq2 = _sums(xval, weight, L)
         if sumq2 > F0:
             scale = sumqx / sumq2
@@ -209,6 +211,7 @@ def _iq3_rows(x, qw, levels, kmap, neigh, is_xxs, out):
     # (rows, cols) float32 -> (rows, cols // 256 * (98 | 110)) uint8
     rows, cols = x.shape
     type_size = 98 if is_xxs else 110
+    qvals = (np.float32(2) * levels.astype(np.float32) + F1).astype(np.float32)  # 2l+1, exact
     weight = np.empty(32, dtype=np.float32)
     waux = np.empty(32, dtype=np.float32)
     xval = np.empty(32, dtype=np.float32)
@@ -233,7 +236,7 @@ def _iq3_rows(x, qw, levels, kmap, neigh, is_xxs, out):
                 if (is_xxs and vmax < _EPS_XXS) or (not is_xxs and vmax == F0):
                     scales[ib] = F0
                     continue
-                scale = _block_search(xval, weight, waux, vmax, levels, kmap, neigh,
+                scale = _block_search(xval, weight, waux, vmax, levels, qvals, kmap, neigh,
                                       15 if is_xxs else 9, is_xxs, L, Laux, on_grid, on_grid_aux)
                 if scale < F0:  # "should never happen": flip the scale and the signs
                     scale = -scale

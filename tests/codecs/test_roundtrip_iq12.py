@@ -60,3 +60,25 @@ def test_refuses_without_importance(qtype):
 def test_rows_must_be_whole_superblocks(qtype):
     with pytest.raises(UsageError, match="256"):
         codecs.quantize(np.ones((1, 128), dtype=np.float32), qtype, np.ones(128, np.float32))
+
+
+def test_iq1_sort_indices_is_a_stable_sort():
+    """sort_indices ranks values by unique integer keys (glibc's qsort is a stable merge sort on
+    the comparator x < y, where -0.0 == 0.0): same order as numpy's stable sort, on ties,
+    signed zeros, extremes and subnormals."""
+    from quantcli.codecs import iq1
+
+    rng = np.random.default_rng(3)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, np.inf, -np.inf, 1.0, -1.0],
+                       dtype=np.float32)
+    idx = np.empty(32, np.int64)
+    key = np.empty(32, np.int64)
+    for trial in range(500):
+        n = 32 if trial % 2 else 16
+        pool = rng.standard_normal(4).astype(np.float32) if trial % 3 else special
+        x = rng.choice(pool, size=(1, n)).astype(np.float32)
+        if trial % 5 == 0:
+            x = rng.standard_normal((1, n)).astype(np.float32)
+        iq1.sort_indices(x, 0, 0, n, idx, key)
+        expect = np.argsort(x[0] + np.float32(0.0), kind="stable")  # -0.0 + 0.0 is 0.0
+        assert idx[:n].tolist() == expect.tolist(), x
