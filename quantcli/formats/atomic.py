@@ -30,7 +30,8 @@ def check_output(out: Path, inputs: list[Path], force: bool) -> None:
             raise OutputError(f"{out}: already exists", hint="pass --force to overwrite it")
 
 
-def _describe(exc: OSError) -> str:
+def describe(exc: OSError) -> str:
+    """An OSError in a few words: 'disk full', 'disk quota exceeded', or the system's message."""
     if exc.errno == errno.ENOSPC:
         return "disk full"
     if exc.errno == errno.EDQUOT:
@@ -48,7 +49,7 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     except OSError as exc:
-        raise OutputError(f"{out}: cannot create a file in {out.parent}: {_describe(exc)}") from None
+        raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
@@ -59,7 +60,7 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
         os.replace(tmp, out)
     except OSError as exc:
         _remove(tmp)
-        raise OutputError(f"{out}: write failed: {_describe(exc)}") from None
+        raise OutputError(f"{out}: write failed: {describe(exc)}") from None
     except BaseException:
         _remove(tmp)
         raise

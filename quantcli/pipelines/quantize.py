@@ -33,7 +33,7 @@ from quantcli.calibrate import imatrix_file
 from quantcli.errors import InputError, OutputError, QuantcliError, UsageError
 from quantcli.formats import ModelReader, TensorInfo
 from quantcli.formats.gguf import gguf_layout, type_nbytes
-from quantcli.formats.atomic import atomic_write, check_output, start_writeback
+from quantcli.formats.atomic import atomic_write, check_output, describe, start_writeback
 from quantcli.formats.base import KV
 from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, open_source,
                                        progress_or_noop, provenance, quick_fingerprint, run_date,
@@ -295,6 +295,8 @@ def read_slice(reader: ModelReader, s: Slice, buf: np.ndarray | None = None) -> 
         return reader.load_rows(s.p.info.name, s.start, s.stop, buf)
     except QuantcliError as exc:
         raise type(exc)(f"tensor '{s.p.info.name}': {exc.message}", exc.hint) from None
+    except OSError as exc:
+        raise InputError(f"{reader.path}: reading tensor '{s.p.info.name}' failed: {describe(exc)}") from None
 
 
 def encode_slice(s: Slice, x: np.ndarray) -> np.ndarray:
@@ -391,41 +393,47 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, 
         # no fsync per unit: after a crash the recorded sha256 is checked before reuse
         store.record(label, {"start": start, "bytes": size, "sha256": digest.hexdigest()})
 
-    fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        os.ftruncate(fd, len(header) + data_size)
-        pipe = _Pipeline(fd, n_threads, chunk)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            for label, group in units_of(plan):
-                first = start_of[group[0].info.name]
-                if _unit_intact(fd, store, label, first):
-                    done["resumed"] += 1
+            os.ftruncate(fd, len(header) + data_size)
+            pipe = _Pipeline(fd, n_threads, chunk)
+            try:
+                for label, group in units_of(plan):
+                    first = start_of[group[0].info.name]
+                    if _unit_intact(fd, store, label, first):
+                        done["resumed"] += 1
+                        for p in group:
+                            pipe.then(functools.partial(tensor_done, p))
+                        continue
+                    digest = hashlib.sha256()
                     for p in group:
+                        imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
+                        start = start_of[p.info.name]
+                        for s in slices_of(p, imp, start, padded[p.info.name] - p.nbytes, chunk):
+                            buf = pipe.buffer()
+                            pipe.submit(functools.partial(_write_slice, fd, s, read_slice(reader, s, buf)),
+                                        digest, buf)
+                        reader.release(p.info.name)
                         pipe.then(functools.partial(tensor_done, p))
-                    continue
-                digest = hashlib.sha256()
-                for p in group:
-                    imp = imatrix.importance(p.info.name) if imatrix is not None and not p.copy else None
-                    start = start_of[p.info.name]
-                    for s in slices_of(p, imp, start, padded[p.info.name] - p.nbytes, chunk):
-                        buf = pipe.buffer()
-                        pipe.submit(functools.partial(_write_slice, fd, s, read_slice(reader, s, buf)),
-                                    digest, buf)
-                    reader.release(p.info.name)
-                    pipe.then(functools.partial(tensor_done, p))
-                pipe.then(functools.partial(unit_done, label, first,
-                                            sum(padded[p.info.name] for p in group), digest))
-            pipe.drain()
+                    pipe.then(functools.partial(unit_done, label, first,
+                                                sum(padded[p.info.name] for p in group), digest))
+                pipe.drain()
+            finally:
+                pipe.close()
+            meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
+            final_header, _, _ = gguf_layout(meta, tensors, alignment)
+            if len(final_header) != len(header):
+                raise OutputError(f"{opts.output}: internal error: header length changed")
+            _pwrite_all(fd, final_header, 0)
+            os.fsync(fd)
         finally:
-            pipe.close()
-        meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
-        final_header, _, _ = gguf_layout(meta, tensors, alignment)
-        if len(final_header) != len(header):
-            raise OutputError(f"{opts.output}: internal error: header length changed")
-        _pwrite_all(fd, final_header, 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            os.close(fd)
+    except OSError as exc:  # the partial file: disk full, quota, I/O error (reads are InputErrors)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise OutputError(f"{opts.output}: write failed: {describe(exc)}",
+                          "free space and run the same command again: finished layers are kept"
+                          if full else None) from None
     publish(partial, opts.output)
     if not opts.keep_checkpoints:
         store.remove()

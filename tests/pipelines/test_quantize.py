@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -185,6 +186,39 @@ def test_resume_reuses_checkpoints(tiny, tmp_path, monkeypatch):
     res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
     assert res.resumed_units >= 1
     assert out.read_bytes() == ref.read_bytes()
+
+
+def test_disk_full_is_an_output_error_and_the_rerun_resumes(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    ref = tmp_path / "ref.gguf"
+    qp.run(qp.QuantizeOptions(tiny, ref, "Q4_K_M"))
+    real, calls = os.pwrite, {"n": 0}
+
+    def pwrite(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    out = tmp_path / "o.gguf"
+    monkeypatch.setattr(qp.os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match="write failed: disk full") as info:
+        qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M", threads=2))
+    assert "finished layers are kept" in info.value.hint and not out.exists()
+    monkeypatch.setattr(qp.os, "pwrite", real)
+    res = qp.run(qp.QuantizeOptions(tiny, out, "Q4_K_M"))
+    assert res.resumed_units >= 1 and out.read_bytes() == ref.read_bytes()
+
+
+def test_input_read_error_is_an_input_error(tiny, tmp_path, monkeypatch):
+    def preadv(fd, buffers, offset):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(InputError, match="tiny-f32.gguf: reading tensor '.*' failed: Input/output error"):
+        qp.run(qp.QuantizeOptions(tiny, out, "Q8_0"))
+    assert not out.exists()
 
 
 def test_checkpoint_from_other_plan_is_not_used(tiny, tmp_path):
