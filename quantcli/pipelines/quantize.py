@@ -421,7 +421,8 @@ def _execute(reader, opts, preset, ftype, plan, plan_hash, imatrix, step, warn, 
                 pipe.drain()
             finally:
                 pipe.close()
-            meta = output_metadata(reader, opts, preset, ftype, imatrix, source_hash.result(), plan_hash, date)
+            digest = _source_digest(source_hash, opts.input)
+            meta = output_metadata(reader, opts, preset, ftype, imatrix, digest, plan_hash, date)
             final_header, _, _ = gguf_layout(meta, tensors, alignment)
             if len(final_header) != len(header):
                 raise OutputError(f"{opts.output}: internal error: header length changed")
@@ -583,6 +584,14 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def _source_digest(source_hash: _Background, path: Path) -> str:
+    """The input's sha256 from its thread; a read error there is the input's, not the output's."""
+    try:
+        return source_hash.result()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it to hash it: {describe(exc)}") from None
 
 
 def _file_hash(path: Path | None) -> str | None:

@@ -221,6 +221,17 @@ def test_input_read_error_is_an_input_error(tiny, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+def test_input_hash_read_error_is_an_input_error(tiny, tmp_path, monkeypatch):
+    def failing(path, remember=True):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(qp, "file_sha256", failing)
+    out = tmp_path / "o.gguf"
+    with pytest.raises(InputError, match="cannot read it to hash it: Input/output error"):
+        qp.run(qp.QuantizeOptions(tiny, out, "Q8_0"))
+    assert not out.exists()
+
+
 def test_checkpoint_from_other_plan_is_not_used(tiny, tmp_path):
     out = tmp_path / "o.gguf"
     ck = tmp_path / "ck"
