@@ -210,24 +210,21 @@ def test_disk_full_is_an_output_error_and_the_rerun_resumes(tiny, tmp_path, monk
     assert res.resumed_units >= 1 and out.read_bytes() == ref.read_bytes()
 
 
-def test_input_read_error_is_an_input_error(tiny, tmp_path, monkeypatch):
-    def preadv(fd, buffers, offset):
-        raise OSError(errno.EIO, "Input/output error")
+def _eio(*args, **kwargs):
+    raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "preadv", preadv)
+
+@pytest.mark.parametrize("where, match", [
+    ("tensor read", "tiny-f32.gguf: reading tensor '.*' failed: Input/output error"),
+    ("input hash", "tiny-f32.gguf: cannot read it to hash it: Input/output error"),
+])
+def test_input_read_errors_are_input_errors(tiny, tmp_path, monkeypatch, where, match):
+    if where == "tensor read":
+        monkeypatch.setattr(os, "preadv", _eio)
+    else:
+        monkeypatch.setattr(qp, "file_sha256", _eio)
     out = tmp_path / "o.gguf"
-    with pytest.raises(InputError, match="tiny-f32.gguf: reading tensor '.*' failed: Input/output error"):
-        qp.run(qp.QuantizeOptions(tiny, out, "Q8_0"))
-    assert not out.exists()
-
-
-def test_input_hash_read_error_is_an_input_error(tiny, tmp_path, monkeypatch):
-    def failing(path, remember=True):
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(qp, "file_sha256", failing)
-    out = tmp_path / "o.gguf"
-    with pytest.raises(InputError, match="cannot read it to hash it: Input/output error"):
+    with pytest.raises(InputError, match=match):
         qp.run(qp.QuantizeOptions(tiny, out, "Q8_0"))
     assert not out.exists()
 
