@@ -212,6 +212,16 @@ def _scale_min_k4(blocks, b, j):
 
 
 @njit(**JIT)
+def _k4_chunk_scales(blocks, b, c, d, dmin):
+    """(d1, m1, d2, m2) of the two sub-blocks of 64-value chunk c of a block_q4_K / block_q5_K:
+    d1 = d * sc and m1 = dmin * m of sub-block 2c, then of 2c + 1."""
+    sc, mn = _scale_min_k4(blocks, b, 2 * c)
+    d1, m1 = d * np.float32(sc), dmin * np.float32(mn)
+    sc, mn = _scale_min_k4(blocks, b, 2 * c + 1)
+    return d1, m1, d * np.float32(sc), dmin * np.float32(mn)
+
+
+@njit(**JIT)
 def dequant_q4_k(blocks, y):
     """dequantize_row_q4_K: block_q4_K = d, dmin, scales[12], qs[128]. Per 64 values, two
     sub-blocks: y = d1 * (qs[l] & 0xF) - m1, then d2 * (qs[l] >> 4) - m2, with d1 = d * sc and
@@ -222,10 +232,7 @@ def dequant_q4_k(blocks, y):
         d = _fp16_at(blocks, b, 0)
         dmin = _fp16_at(blocks, b, 2)
         for c in range(4):
-            sc, mn = _scale_min_k4(blocks, b, 2 * c)
-            d1, m1 = d * np.float32(sc), dmin * np.float32(mn)
-            sc, mn = _scale_min_k4(blocks, b, 2 * c + 1)
-            d2, m2 = d * np.float32(sc), dmin * np.float32(mn)
+            d1, m1, d2, m2 = _k4_chunk_scales(blocks, b, c, d, dmin)
             q0 = 16 + 32 * c  # qs start at byte 16
             y0 = b * QK_K + 64 * c
             for l in range(n32):
@@ -245,10 +252,7 @@ def dequant_q5_k(blocks, y):
         d = _fp16_at(blocks, b, 0)
         dmin = _fp16_at(blocks, b, 2)
         for c in range(4):
-            sc, mn = _scale_min_k4(blocks, b, 2 * c)
-            d1, m1 = d * np.float32(sc), dmin * np.float32(mn)
-            sc, mn = _scale_min_k4(blocks, b, 2 * c + 1)
-            d2, m2 = d * np.float32(sc), dmin * np.float32(mn)
+            d1, m1, d2, m2 = _k4_chunk_scales(blocks, b, c, d, dmin)
             q0 = 48 + 32 * c  # qh at byte 16, qs at byte 48
             y0 = b * QK_K + 64 * c
             for l in range(n32):
