@@ -74,6 +74,15 @@ def rows_out(out: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
     return out
 
 
+def rows_into(out: np.ndarray | None, y: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Decoded rows `y` as a decoder returns them: `y` itself, or copied into `out` (checked by
+    `rows_out`) when one is given."""
+    if out is None:
+        return y
+    rows_out(out, rows, cols)[...] = y
+    return out
+
+
 def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizationType:
     """`"Q4_K"`, `12` or `GGMLQuantizationType.Q4_K` -> the enum member; unknown names list the known."""
     if isinstance(ggml_type, GGMLQuantizationType):

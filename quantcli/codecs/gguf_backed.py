@@ -18,7 +18,7 @@ from numba import njit
 
 from quantcli.codecs._dequant import dequant_q8_0
 from quantcli.codecs._ggml_math import F0, F1, JIT, f32_from_bits, fp32_to_fp16, put_fp16
-from quantcli.codecs.base import Codec, rows_out
+from quantcli.codecs.base import Codec, rows_into, rows_out
 
 
 class GgufBacked(Codec):
@@ -44,10 +44,7 @@ class GgufBacked(Codec):
             return out
         with np.errstate(all="ignore"):
             y = gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
-        if out is None:
-            return y
-        rows_out(out, data.shape[0], cols)[...] = y
-        return out
+        return rows_into(out, y, data.shape[0], cols)
 
 
 class DequantizeOnly(GgufBacked):
@@ -225,10 +222,7 @@ class F32(Codec, ggml_type=Q.F32):
     @classmethod
     def dequantize_rows(cls, data, cols, out=None):
         y = np.ascontiguousarray(data).view("<f4").astype(np.float32, copy=False)
-        if out is None:
-            return y
-        rows_out(out, data.shape[0], cols)[...] = y
-        return out
+        return rows_into(out, y, data.shape[0], cols)
 
 
 class F16(Codec, ggml_type=Q.F16):
