@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType as FT
 
+from quantcli import names
 from quantcli.errors import InputError, UsageError
 
 # -- GGML types ------------------------------------------------------------------------------------
@@ -282,35 +283,19 @@ def _keep_reason(name: str, shape: Sequence[int], arch: str, preset: Preset, opt
     return None
 
 
-# -- categories (tensor_get_category) --------------------------------------------------------------
+# -- categories (tensor_get_category, in quantcli.names) ------------------------------------------
 
-OUTPUT, TOKEN_EMBD, QKV, KV_B, ATTN_V, ATTN_K, ATTN_Q, ATTN_OUT, FFN_UP, FFN_GATE, FFN_DOWN, OTHER = (
-    "output", "token_embd", "attn_qkv", "attn_kv_b", "attn_v", "attn_k", "attn_q", "attn_output",
-    "ffn_up", "ffn_gate", "ffn_down", "other")
-_CATEGORY_SUBSTRINGS = [("attn_qkv.weight", QKV), ("attn_kv_b.weight", KV_B), ("attn_v.weight", ATTN_V),
-                        ("attn_k.weight", ATTN_K), ("attn_q.weight", ATTN_Q), ("attn_output.weight", ATTN_OUT),
-                        ("ffn_up", FFN_UP), ("ffn_gate", FFN_GATE), ("ffn_down", FFN_DOWN)]
-
-
-def _category(name: str) -> str:
-    if name == "output.weight":
-        return OUTPUT
-    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
-        return TOKEN_EMBD
-    for sub, cat in _CATEGORY_SUBSTRINGS:
-        if sub in name:
-            return cat
-    return OTHER
+OUTPUT, TOKEN_EMBD, QKV, KV_B, ATTN_V, ATTN_K, ATTN_Q, ATTN_OUT, FFN_UP, FFN_GATE, FFN_DOWN = (
+    names.OUTPUT, names.TOKEN_EMBD, names.QKV, names.KV_B, names.ATTN_V, names.ATTN_K, names.ATTN_Q,
+    names.ATTN_OUT, names.FFN_UP, names.FFN_GATE, names.FFN_DOWN)
+_category = names.category
 
 
 def _is_attn_v(cat: str) -> bool:
     return cat in (ATTN_V, QKV, KV_B)
 
 
-def _layer_number(name: str) -> int | None:
-    """sscanf(name, "blk.%d.", &il) == 1 ? il : None (the trailing "." need not match)."""
-    m = re.match(r"blk\.\s*([+-]?\d+)", name)
-    return int(m.group(1)) if m else None
+_layer_number = names.block_number
 
 
 def _sort_key(name: str) -> tuple[int, bytes]:

@@ -28,7 +28,7 @@ import yaml
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantcli.errors import UsageError
-from quantcli.pipelines.report import layer_of
+from quantcli.names import layer_of
 
 MAX_PROFILE_BYTES = 1 << 20
 TOP_KEYS = {"base", "description", "rules", "keep", "keep_type"}

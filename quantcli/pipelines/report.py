@@ -5,23 +5,15 @@ The JSON form (`to_json`) has a stable schema, `quantcli.report/1`, documented i
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from quantcli.formats import ModelReader, open_model
+from quantcli.names import layer_of
 
 SCHEMA = "quantcli.report/1"
-# `blk.12.attn_q.weight` (GGUF), `model.layers.12.mlp...` (HF), `encoder.layer.3...` (BERT), `h.4` (GPT-2)
-_LAYER = re.compile(r"(?:^|\.)(?:blk|layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
 
 @dataclass(frozen=True)
 class TensorRow:
