@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 
 from quantcli.errors import InputError
 from quantcli.formats import open_model
 from quantcli.formats.atomic import atomic_write
 from quantcli.formats.base import KV
-from quantcli.formats.gguf import GGUFWriter
+from quantcli.formats.writer import TensorSpec, create_writer
 
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
@@ -160,12 +159,12 @@ def save_gguf(imatrix: Imatrix, out: Path) -> None:
         counts = np.ascontiguousarray(e.counts, dtype=np.float32).reshape(e.counts.size, 1)
         if e.counts.size == 1:  # ggml_n_dims drops trailing 1s: llama writes 1-D tensors here
             sums, counts = sums.reshape(-1), counts.reshape(-1)
-        tensors += [(name + SUM_SUFFIX, sums.shape, Q.F32), (name + COUNT_SUFFIX, counts.shape, Q.F32)]
+        tensors += [TensorSpec(name + SUM_SUFFIX, sums.shape, "F32"),
+                    TensorSpec(name + COUNT_SUFFIX, counts.shape, "F32")]
         arrays += [sums, counts]
-    with atomic_write(out) as fh:
-        w = GGUFWriter(fh, meta, tensors)
-        for (name, _, _), arr in zip(tensors, arrays):
-            w.write_tensor(name, arr)
+    with create_writer("gguf", out, meta, tensors) as w:
+        for spec, arr in zip(tensors, arrays):
+            w.write(spec.name, arr)
         w.finish()
 
 

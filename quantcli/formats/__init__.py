@@ -1,4 +1,5 @@
-"""The format registry: `open_model(path)` picks a reader by magic bytes and layout."""
+"""The format registry: `open_model(path)` picks a reader by magic bytes and layout;
+`create_writer(format, path, metadata, tensors)` gives the writer of an output format."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ from pathlib import Path
 
 from quantcli.errors import InputError
 from quantcli.formats.base import KV, ModelReader, TensorInfo
-from quantcli.formats.gguf import GGUFReader, GGUFWriter
-from quantcli.formats.safetensors import INDEX_NAME, SINGLE_NAME, SafetensorsReader
+from quantcli.formats.gguf import GGUFFile, GGUFReader
+from quantcli.formats.safetensors import INDEX_NAME, SINGLE_NAME, SafetensorsFile, SafetensorsReader
+from quantcli.formats.writer import Slot, TensorSpec, Writer, create_writer, writer_formats
 
-__all__ = ["KV", "ModelReader", "TensorInfo", "GGUFReader", "GGUFWriter", "SafetensorsReader",
-           "open_model", "detect_format"]
+__all__ = ["KV", "ModelReader", "TensorInfo", "GGUFReader", "SafetensorsReader",
+           "GGUFFile", "SafetensorsFile", "Writer", "TensorSpec", "Slot", "create_writer",
+           "writer_formats", "open_model", "detect_format"]
 
 
 def detect_format(path: Path) -> str:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,44 @@ def describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def create_temp(out: Path) -> tuple[int, str]:
+    """A new file beside `out` (`.NAME.tmp-XXXX`, normal permissions): (fd, path)."""
+    out = Path(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    return fd, tmp
+
+
+def publish(done: Path, out: Path, durable: bool = True) -> None:
+    """Move a finished, fsynced file onto `out` and make the rename durable; from another file
+    system (EXDEV), copy it atomically instead and remove it."""
+    out = Path(out)
+    try:
+        os.replace(done, out)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise OutputError(f"{out}: cannot move the finished file into place: {describe(exc)}") from None
+        with atomic_write(out, durable) as dst, open(done, "rb") as src:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.unlink(done)
+        return
+    if durable:
+        fsync_dir(out.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (where the system allows it)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
 @contextlib.contextmanager
 def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
     """Yield a file in out's directory; on success fsync and rename it to `out`, on any error
@@ -46,12 +85,8 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
     still all-or-nothing if the process dies, not across a power cut (for checkpoint bookkeeping,
     which is verified by hash before use anyway)."""
     out = Path(out)
+    fd, tmp = create_temp(out)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as fh:
             yield _WriteBehind(fh) if durable else fh
             fh.flush()
@@ -64,14 +99,8 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
     except BaseException:
         _remove(tmp)
         raise
-    if not durable:
-        return
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    if durable:
+        fsync_dir(out.parent)
 
 
 class _WriteBehind:

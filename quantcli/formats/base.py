@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType
+from gguf import GGMLQuantizationType, GGUFValueType
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, UsageError
 
 
 class StringArray(Sequence):
@@ -209,3 +209,25 @@ class ModelReader:
             "vocab_size": vocab,
             "file_type": self.meta("general.file_type"),
         }
+
+
+def parse_override_kv(spec: str) -> tuple[str, KV]:
+    """llama.cpp's KEY=TYPE:VALUE with TYPE int, float, bool or str."""
+    key, sep, rest = spec.partition("=")
+    kind, sep2, value = rest.partition(":")
+    if not sep or not sep2 or not key:
+        raise UsageError(f"--override-kv '{spec}' is not KEY=TYPE:VALUE", hint="e.g. general.name=str:my-model")
+    try:
+        if kind == "int":
+            return key, KV(GGUFValueType.INT64, int(value))
+        if kind == "float":
+            return key, KV(GGUFValueType.FLOAT64, float(value))
+        if kind == "bool":
+            if value not in ("true", "false"):
+                raise ValueError(value)
+            return key, KV(GGUFValueType.BOOL, value == "true")
+        if kind == "str":
+            return key, KV(GGUFValueType.STRING, value)
+    except ValueError:
+        raise UsageError(f"--override-kv '{spec}': '{value}' is not a valid {kind}") from None
+    raise UsageError(f"--override-kv '{spec}': unknown type '{kind}'", hint="use int, float, bool or str")

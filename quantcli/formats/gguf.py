@@ -1,4 +1,4 @@
-"""GGUF: a reader that validates the whole header before it trusts any of it, and a streaming writer.
+"""GGUF: a reader that validates the whole header before it trusts any of it, and the GGUF `Writer`.
 
 The checks follow ggml's `gguf.cpp` (`gguf_init_from_file_impl`): magic, version, counts against the
 bytes left, every string and array length against the bytes left, n_dims <= 4, known types, shape
@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quantcli.errors import InputError, OutputError
 from quantcli.formats.base import KV, ModelReader, StringArray, TensorInfo, pread_exact
+from quantcli.formats.writer import TensorSpec, Writer
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -383,36 +384,20 @@ def gguf_layout(metadata: dict[str, Any], tensors: list[tuple[str, tuple[int, ..
     return header + b"\0" * (-len(header) % alignment), layout, offset
 
 
-class GGUFWriter:
-    """Writes a GGUF v3 file: header first (all tensor infos known up front), then the tensors'
-    bytes one at a time, so memory holds one tensor, not the model.
+class GGUFFile(Writer, format="gguf"):
+    """A GGUF v3 file through the `Writer` protocol: header, then each tensor at its aligned offset."""
 
-        w = GGUFWriter(fileobj, metadata, [(name, shape, ggml_type), ...])
-        for name, data in ...: w.write_tensor(name, data)
-        w.finish()
-    """
+    def layout(self, metadata: dict[str, Any], tensors: list[TensorSpec]) -> tuple[bytes, list[tuple[int, int]]]:
+        header, layout, _ = gguf_layout(metadata, [(t.name, t.shape, _ggml_type(t, self.path)) for t in tensors],
+                                        self.alignment)
+        return header, layout
 
-    def __init__(self, fh: BinaryIO, metadata: dict[str, Any],
-                 tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]],
-                 alignment: int = DEFAULT_ALIGNMENT) -> None:
-        self.fh, self.alignment = fh, alignment
-        header, offsets, _ = gguf_layout(metadata, tensors, alignment)
-        self.plan = [(name, nbytes) for (name, _, _), (_, nbytes) in zip(tensors, offsets)]
-        fh.write(header)
-        self._next = 0
+    def padded(self, nbytes: int) -> int:
+        return -(-nbytes // self.alignment) * self.alignment
 
-    def write_tensor(self, name: str, data: np.ndarray) -> None:
-        expect_name, nbytes = self.plan[self._next]
-        if name != expect_name:
-            raise ValueError(f"tensor '{name}' written out of order (expected '{expect_name}')")
-        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        if raw.size != nbytes:
-            raise ValueError(f"tensor '{name}' has {raw.size} bytes, its type needs {nbytes}")
-        self.fh.write(memoryview(raw))
-        self.fh.write(b"\0" * (-nbytes % self.alignment))
-        self._next += 1
 
-    def finish(self) -> None:
-        if self._next != len(self.plan):
-            missing = self.plan[self._next][0]
-            raise OutputError(f"GGUF output incomplete: tensor '{missing}' was never written")
+def _ggml_type(spec: TensorSpec, path: Path) -> GGMLQuantizationType:
+    try:
+        return GGMLQuantizationType[spec.type]
+    except KeyError:
+        raise OutputError(f"{path}: tensor '{spec.name}' has dtype {spec.type}, which GGUF cannot store") from None

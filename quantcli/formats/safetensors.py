@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from quantcli.errors import InputError
+from quantcli.errors import InputError, OutputError
 from quantcli.formats.base import KV, ModelReader, TensorInfo, pread_exact
 from quantcli.formats.dtypes import SAFETENSORS_DTYPES
+from quantcli.formats.writer import TensorSpec, Writer
 
 MAX_HEADER = 100_000_000  # the safetensors library's own cap
 INDEX_NAME = "model.safetensors.index.json"
@@ -236,3 +238,25 @@ def _read_json(path: Path, what: str) -> Any:
         raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+class SafetensorsFile(Writer, format="safetensors"):
+    """A .safetensors file through the `Writer` protocol: u64 header length, the JSON header (padded
+    with spaces to 8 bytes, as the safetensors library pads it), then the tensors back to back.
+    Metadata values are stored as strings (`__metadata__`)."""
+
+    def layout(self, metadata: dict[str, Any], tensors: list[TensorSpec]) -> tuple[bytes, list[tuple[int, int]]]:
+        header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+        layout, offset = [], 0
+        for t in tensors:
+            if t.type not in SAFETENSORS_DTYPES:
+                raise OutputError(f"{self.path}: tensor '{t.name}' has type {t.type}, which safetensors "
+                                  "cannot store (use gguf, or dequantize to F32/F16/BF16)")
+            n = int(np.prod(t.shape, dtype=np.int64)) if t.shape else 1
+            nbytes = n * SAFETENSORS_DTYPES[t.type][1]
+            header[t.name] = {"dtype": t.type, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+            layout.append((offset, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw, layout

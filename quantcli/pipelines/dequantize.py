@@ -7,8 +7,6 @@ BF16, one-dimensional tensors (norms, biases) stay F32; integer tensors are copi
 
 from __future__ import annotations
 
-import json
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +18,8 @@ from gguf import LlamaFileType
 
 from quantcli import codecs
 from quantcli.errors import UsageError
-from quantcli.formats import GGUFWriter, ModelReader, TensorInfo, open_model
-from quantcli.formats.atomic import atomic_write, check_output
+from quantcli.formats import ModelReader, TensorInfo, TensorSpec, create_writer, open_model
+from quantcli.formats.atomic import check_output
 from quantcli.pipelines.common import (Progress, ProgressFn, open_source, progress_or_noop, provenance,
                                        source_sha256)
 
@@ -29,7 +27,6 @@ OUT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16,
               "BF16": LlamaFileType.MOSTLY_BF16}
 INTEGERS = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
-_ST_NAME = {Q.F32: "F32", Q.F16: "F16", Q.BF16: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -101,11 +98,19 @@ def run(opts: DequantizeOptions, progress: ProgressFn | None = None,
         meta = provenance(reader, source_sha256(reader))
         codecs.load_kernels(decode={i.ggml_type for i, q in plan if q is not None and i.ggml_type is not None},
                             encode={q for _, q in plan if q is not None})
-        with atomic_write(opts.output) as fh:
-            if fmt == "gguf":
-                written = _write_gguf(fh, reader, plan, out_type, meta, step)
-            else:
-                written = _write_safetensors(fh, reader, plan, meta, step)
+        metadata = _metadata(reader, out_type, meta) if fmt == "gguf" else meta
+        specs = [TensorSpec(info.name, info.shape, qtype.name if qtype is not None else info.dtype)
+                 for info, qtype in plan]
+        total = sum(info.nbytes for info, _ in plan)
+        done = 0
+        with create_writer(fmt, opts.output, metadata, specs,
+                           alignment=getattr(reader, "alignment", 32)) as writer:
+            for i, (info, qtype) in enumerate(plan):
+                writer.write(info.name, convert(reader, info, qtype))
+                done += info.nbytes
+                step(Progress("tensor", i + 1, len(plan), info.name, done, total))
+            writer.finish()
+        written = writer.size
     return DequantizeResult(opts.output, fmt, len(plan), written, time.perf_counter() - start)
 
 
@@ -117,43 +122,11 @@ def _open(path: Path, fmt: str, warn: Callable[[str], None]) -> ModelReader:
     return open_model(path)
 
 
-def _write_gguf(fh, reader: ModelReader, plan, out_type: str, meta: dict[str, Any], step) -> int:
+def _metadata(reader: ModelReader, out_type: str, provenance_keys: dict[str, Any]) -> dict[str, Any]:
+    """GGUF metadata: the input's (GGUF, or the converter view's), the file type, provenance."""
     metadata: dict[str, Any] = {}
-    if reader.format != "safetensors":  # GGUF metadata, or the converter view's
+    if reader.format != "safetensors":
         metadata.update(reader.kv)
     metadata["general.file_type"] = int(FILE_TYPES[out_type])
-    metadata.update(meta)
-    tensors = [(info.name, info.shape, qtype if qtype is not None else info.ggml_type)
-               for info, qtype in plan]
-    writer = GGUFWriter(fh, metadata, tensors, alignment=getattr(reader, "alignment", 32))
-    total = sum(info.nbytes for info, _ in plan)
-    done = 0
-    for i, (info, qtype) in enumerate(plan):
-        writer.write_tensor(info.name, convert(reader, info, qtype))
-        done += info.nbytes
-        step(Progress("tensor", i + 1, len(plan), info.name, done, total))
-    writer.finish()
-    return fh.tell()
-
-
-def _write_safetensors(fh, reader: ModelReader, plan, meta: dict[str, Any], step) -> int:
-    header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in meta.items()}}
-    offset = 0
-    for info, qtype in plan:
-        if qtype is None:
-            dtype, nbytes = info.dtype, info.nbytes
-        else:
-            dtype, nbytes = _ST_NAME[qtype], info.n_params * (4 if qtype == Q.F32 else 2)
-        header[info.name] = {"dtype": dtype, "shape": list(info.shape),
-                             "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the safetensors library pads the header to 8 bytes
-    fh.write(struct.pack("<Q", len(raw)) + raw)
-    total = sum(info.nbytes for info, _ in plan)
-    done = 0
-    for i, (info, qtype) in enumerate(plan):
-        fh.write(memoryview(np.ascontiguousarray(convert(reader, info, qtype)).reshape(-1).view(np.uint8)))
-        done += info.nbytes
-        step(Progress("tensor", i + 1, len(plan), info.name, done, total))
-    return fh.tell()
+    metadata.update(provenance_keys)
+    return metadata

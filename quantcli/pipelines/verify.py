@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from quantcli.errors import QuantcliError
 from quantcli.formats import ModelReader, open_model
 from quantcli.formats.gguf import type_nbytes
+from quantcli.plan import PlanOptions, make_plan
 
 SCHEMA = "quantcli.verify/1"
 ORDER = [Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F16, Q.F32]
@@ -83,17 +84,11 @@ def _finite(reader: ModelReader) -> Check:
 
 
 def _plan_checks(reader: ModelReader, opts: VerifyOptions) -> list[Check]:
-    from quantcli.pipelines.quantize import QuantizeOptions, make_plan
-
-    from quantcli.calibrate.imatrix_file import Imatrix, ImatrixEntry
-
-    qopts = QuantizeOptions(input=reader.path, output=reader.path, preset=opts.preset,
-                            profile=opts.profile, allow_requantize=True, dry_run=True)
-    imatrix = None
-    if reader.meta("quantize.imatrix.file") is not None:  # made with an imatrix: plan as if we had it
-        empty = ImatrixEntry(np.zeros((1, 0), np.float32), np.zeros(1, np.float32))
-        imatrix = Imatrix({name: empty for name in reader.tensors})
-    preset, plan, _, ftype_expected = make_plan(reader, qopts, imatrix, lambda _msg: None)
+    # a file made with an imatrix is checked against the plan made with one
+    plan = make_plan(reader, PlanOptions(preset=opts.preset, profile=opts.profile, allow_requantize=True,
+                                         dry_run=True, source=reader.path),
+                     has_imatrix=reader.meta("quantize.imatrix.file") is not None)
+    preset, ftype_expected = plan.preset, plan.file_type
     wrong = [(p.info.name, p.info.dtype, p.type) for p in plan
              if p.info.dtype != p.type]
     checks = [Check("plan", not wrong, len(plan) - len(wrong),

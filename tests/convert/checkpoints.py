@@ -347,7 +347,7 @@ def write_converted(view, out: Path, outtype: str) -> Path:
     from gguf import GGMLQuantizationType as Q
 
     from quantcli.convert import converter_keeps_f32
-    from quantcli.formats import GGUFWriter
+    from quantcli.formats import TensorSpec, create_writer
     from quantcli.formats.base import KV
 
     want = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0}[outtype]
@@ -356,10 +356,9 @@ def write_converted(view, out: Path, outtype: str) -> Path:
     meta = dict(view.kv)
     meta["general.file_type"] = KV(gguf.GGUFValueType.UINT32,
                                    {"f32": 0, "f16": 1, "q8_0": 7}[outtype])
-    with open(out, "wb") as fh:
-        w = GGUFWriter(fh, meta, plan)
+    with create_writer("gguf", out, meta, [TensorSpec(n, shape, q.name) for n, shape, q in plan]) as w:
         for name, _, qtype in plan:
-            w.write_tensor(name, gguf.quants.quantize(view.load_f32(name), qtype))
+            w.write(name, gguf.quants.quantize(view.load_f32(name), qtype))
         w.finish()
     return out
 

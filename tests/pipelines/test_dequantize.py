@@ -107,12 +107,12 @@ def test_sigint_leaves_nothing(real_model, tmp_path):
 def test_disk_full_is_a_clean_output_error(tiny_gguf, tmp_path, monkeypatch):
     import errno
 
-    from quantcli.formats import gguf as gguf_format
+    from quantcli.formats import writer
 
-    def full(self, name, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gguf_format.GGUFWriter, "write_tensor", full)
+    monkeypatch.setattr(writer, "pwrite_all", full)
     out = tmp_path / "o.gguf"
     with pytest.raises(OutputError, match="disk full"):
         dq.run(dq.DequantizeOptions(tiny_gguf, out))

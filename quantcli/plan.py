@@ -1,0 +1,157 @@
+"""The plan: every tensor's output type, why, and what it costs.
+
+llama.cpp's preset rules (`presets.plan`) choose first; a YAML profile's rules (`profiles.Profile.apply`)
+override them; the result is a `Plan` that `quantize` executes, `verify` checks a file against and
+`--dry-run` prints.
+
+    plan = make_plan(reader, PlanOptions(preset="Q4_K_M"), has_imatrix=False)
+    plan.tensors[0].type, plan.bpw, plan.file_type, plan.sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from gguf import GGMLQuantizationType
+
+from quantcli import presets
+from quantcli.errors import UsageError
+from quantcli.formats.base import TensorInfo
+from quantcli.formats.gguf import type_nbytes
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """The flags that change what a tensor becomes (llama-quantize's, and quantcli's profile)."""
+
+    preset: str | None = None  # a llama.cpp preset name (Q4_K_M, IQ4_XS, ...) or a type name
+    profile: Path | None = None  # a YAML layer profile (its base replaces the preset when none is given)
+    output_tensor_type: str | None = None  # --output-tensor-type
+    token_embedding_type: str | None = None  # --token-embedding-type
+    tensor_types: tuple[tuple[str, str], ...] = ()  # --tensor-type (regex, type); first match wins
+    pure: bool = False  # every quantizable tensor gets the default type
+    leave_output_tensor: bool = False  # output.weight stays as it is
+    allow_requantize: bool = False  # an already quantized input may be quantized again
+    dry_run: bool = False  # imatrix problems become warnings, not errors
+    source: Path | None = None  # the input, named in errors
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    info: TensorInfo
+    type: str  # the output type name
+    reason: str
+    nbytes: int
+    fallback: bool = False
+
+    @property
+    def copy(self) -> bool:
+        return self.type == self.info.dtype
+
+
+@dataclass(frozen=True)
+class Plan:
+    tensors: list[PlannedTensor]  # in the input's order, which is the output's
+    preset: presets.Preset
+    file_type: int  # general.file_type as llama-quantize writes it
+    sha256: str  # of (name, input type, shape, output type) for every tensor
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(p.info.n_params for p in self.tensors)
+
+    @property
+    def bytes(self) -> int:
+        """Tensor data bytes (without alignment padding or the header)."""
+        return sum(p.nbytes for p in self.tensors)
+
+    @property
+    def bpw(self) -> float:
+        return 8.0 * self.bytes / max(self.params, 1)
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(p.fallback for p in self.tensors)
+
+    def reasons(self) -> dict[str, str]:
+        return {p.info.name: p.reason for p in self.tensors}
+
+    def types(self) -> dict[str, str]:
+        return {p.info.name: p.type for p in self.tensors}
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def tensor_bytes(info: TensorInfo, type_name: str) -> int:
+    """Bytes of `info` stored as `type_name` (its own bytes when the type is its own)."""
+    if type_name == info.dtype:
+        return info.nbytes
+    return type_nbytes(GGMLQuantizationType[type_name], info.gguf_shape)
+
+
+def plan_sha256(tensors: list[PlannedTensor]) -> str:
+    doc = json.dumps([(p.info.name, p.info.dtype, list(p.info.shape), p.type) for p in tensors])
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def make_plan(reader: Any, opts: PlanOptions, *, has_imatrix: bool,
+              imatrix_names: frozenset[str] | None = None,
+              warn: Callable[[str], None] | None = None) -> Plan:
+    """Every tensor's output type and why; the profile (if any) overrides the preset's choice.
+
+    has_imatrix: an importance matrix will be used (some presets choose differently with one);
+    imatrix_names: the tensors it covers (None: all of them)."""
+    warnings: list[str] = []
+
+    def warn_(msg: str) -> None:
+        warnings.append(msg)
+        if warn is not None:
+            warn(msg)
+
+    profile = None
+    preset_name = opts.preset
+    if opts.profile is not None:
+        from quantcli import profiles
+
+        profile = profiles.load(opts.profile)
+        preset_name = preset_name or profile.base
+    if not preset_name:
+        raise UsageError("no quantization type given", hint="pass --type PRESET (e.g. Q4_K_M) or --profile FILE")
+    preset = presets.get_preset(preset_name)
+    options = presets.PresetOptions(
+        pure=opts.pure, leave_output_tensor=opts.leave_output_tensor,
+        output_tensor_type=opts.output_tensor_type, token_embedding_type=opts.token_embedding_type,
+        tensor_types=tuple(opts.tensor_types), has_imatrix=has_imatrix,
+        imatrix_names=imatrix_names, dry_run=opts.dry_run,
+    )
+    infos = list(reader.tensors.values())
+    choices = presets.plan(infos, reader.meta, preset.name, options)
+    if profile is not None:
+        choices = profile.apply(infos, choices, reader.meta)
+    requant = presets.requantized(infos, choices)
+    if requant and not opts.allow_requantize:
+        first = reader.tensors[requant[0].name]
+        raise UsageError(f"{opts.source or reader.path}: requantizing from type {first.dtype} is disabled "
+                         f"({len(requant)} tensor(s), e.g. {first.name}); requantizing loses quality",
+                         hint="pass --allow-requantize to do it anyway, or start from an F32/F16/BF16 model")
+    if opts.dry_run:
+        for c in choices:
+            if c.requires_imatrix and not has_imatrix:
+                warn_(f"{c.name} ({c.type}) will require an importance matrix (--imatrix)")
+                break
+    planned = [PlannedTensor(info, c.type, c.reason, tensor_bytes(info, c.type), c.fallback)
+               for info, c in zip(infos, choices)]
+    fallbacks = presets.fallback_count(choices)
+    if fallbacks:
+        warn_(f"{fallbacks} of {len(planned)} tensor(s) required fallback quantization (rows not "
+              "divisible by the type's block size)")
+    return Plan(planned, preset, presets.file_type(preset, infos, reader.meta), plan_sha256(planned), warnings)
