@@ -18,21 +18,18 @@ bytes as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-import quantcli
 from quantcli.calibrate import imatrix_file as imf
-from quantcli.checkpoint import CheckpointStore
+from quantcli.calibrate.runner import Observer, RunOptions, run_calibration
 from quantcli.engine.model import Model
-from quantcli.engine.perplexity import PerplexityOptions, chunk_tokens, head_pass
+from quantcli.engine.perplexity import PerplexityOptions, head_pass
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.engine.tokenizer import Tokenizer
 from quantcli.errors import InputError, UsageError
@@ -91,14 +88,12 @@ class Collector:
             self.sums[name] = sq
             self.counts[name] = x.shape[0]
 
-    def to_npz(self) -> bytes:
-        buf = io.BytesIO()
+    def arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"sum:{n}": s for n, s in self.sums.items()}
         arrays.update({f"count:{n}": np.array(c, np.int64) for n, c in self.counts.items()})
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+        return arrays
 
-    def add_npz(self, data: dict[str, np.ndarray]) -> None:
+    def add_arrays(self, data: dict[str, np.ndarray]) -> None:
         for key, arr in data.items():
             kind, name = key.split(":", 1)
             if kind == "sum":
@@ -107,136 +102,91 @@ class Collector:
                 self.counts[name] = int(arr)
 
 
-def model_fingerprint(reader: Any) -> str:
-    """sha256 over the file size, the tensor table and the first and last 64 KiB of each tensor:
-    cheap even for a 40 GB model, and any re-quantization or other model changes it."""
-    h = hashlib.sha256()
-    path = Path(reader.path)
-    h.update(str(path.stat().st_size if path.is_file() else 0).encode())
-    for name in sorted(reader.tensors):
-        info = reader.tensors[name]
-        h.update(f"{name}|{info.dtype}|{info.shape}|{info.nbytes}\n".encode())
-        raw = reader.raw(name)
-        h.update(raw[:65536].tobytes())
-        h.update(raw[-65536:].tobytes())
-    return h.hexdigest()
+class ImatrixObserver(Observer, name="imatrix"):
+    """llama-imatrix's statistic on the calibration runner: per weight, the sum of squared inputs
+    per column and the rows seen (see the module's docstring). Option: process_output."""
 
+    def __init__(self, process_output: bool = False) -> None:
+        super().__init__(process_output=process_output)
+        self.process_output = process_output
+        self.total_ = Collector()
+        self.layer_: Collector | None = None
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Any) -> None:
+        self.layer_ = Collector()
 
-    return {"quantcli": quantcli.__version__, "numpy": np.__version__, "gguf": version("gguf")}
+    def on_input(self, name: str, x: np.ndarray) -> None:
+        self.layer_(name, x)
 
+    def end_layer(self, il: int) -> None:
+        self._add(self.layer_)
 
-def _npz(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
+    def layer_state(self, il: int) -> dict[str, np.ndarray]:
+        return self.layer_.arrays()
 
+    def load_layer_state(self, il: int, state: dict[str, np.ndarray]) -> None:
+        self.total_.add_arrays(state)
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    def end(self, model: Model, hidden: np.ndarray) -> None:
+        # the output projection: its input is the final-normed hidden state of every position
+        if self.process_output and model.output_name == "output.weight":
+            out = Collector()
+            for c in range(hidden.shape[0]):
+                out("output.weight", model.final_norm(np.asarray(hidden[c])))
+            self._add(out)
+
+    def merge(self, other: Observer) -> None:
+        for name, s in other.total_.sums.items():
+            if name in self.total_.sums:
+                self.total_.sums[name] = self.total_.sums[name] + s
+                self.total_.counts[name] += other.total_.counts[name]
+            else:
+                self.total_.sums[name] = s.copy()
+                self.total_.counts[name] = other.total_.counts[name]
+
+    def _add(self, layer: Collector) -> None:
+        self.total_.sums.update(layer.sums)
+        self.total_.counts.update(layer.counts)
+
+    def result(self) -> Collector:
+        return self.total_
 
 
 def collect(model: Model, tokens: np.ndarray | list[int], options: ImatrixOptions = ImatrixOptions(),
-            progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> ImatrixResult:
-    """Run the chunks through the model layer by layer and gather llama-imatrix's statistics
-    (without the --in-file merge; see `compute`)."""
+            progress: ProgressFn | None = None, log: Callable[[str], None] | None = None,
+            observers: list[Observer] = ()) -> ImatrixResult:
+    """Run the chunks through the model layer by layer on the calibration runner and gather
+    llama-imatrix's statistics (without the --in-file merge; see `compute`). `observers` run
+    alongside (they share the forward pass and the checkpoints)."""
     report = progress_or_noop(progress)
-    log = log or (lambda _msg: None)
-    t0 = time.perf_counter()
-    cfg = model.config
-    if options.ctx < MIN_ROWS:
-        raise UsageError(f"context {options.ctx} is below {MIN_ROWS}: llama-imatrix collects nothing "
-                         f"from matmuls with fewer than {MIN_ROWS} rows")
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if options.skip_chunks:
-        if (options.skip_chunks + 2) * options.ctx >= len(tokens):
-            raise InputError(f"no tokens left after removing {options.skip_chunks} chunks of {options.ctx}")
-        tokens = tokens[options.skip_chunks * options.ctx:]
-    chunks = chunk_tokens(tokens, options.ctx, options.chunks, cfg.bos_id, cfg.add_bos)
+    imatrix = ImatrixObserver(process_output=options.process_output)
+    run_options = RunOptions(ctx=options.ctx, chunks=options.chunks, skip_chunks=options.skip_chunks,
+                             min_ctx=MIN_ROWS, checkpoint_dir=options.checkpoint_dir,
+                             keep_checkpoints=options.keep_checkpoints, hidden_path=options.hidden_path,
+                             kind="imatrix")
+    run = run_calibration(model, tokens, run_options, [imatrix, *observers], progress, log,
+                          keep_hidden=options.compute_ppl)
+    chunks = run.chunks
     n_chunks, ctx = chunks.shape
-
-    store = None
-    if options.checkpoint_dir is not None:
-        key = {"kind": "imatrix", "model": model_fingerprint(model.reader),
-               "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
-               "options": {k: v for k, v in asdict(options).items()
-                           if k in ("ctx", "chunks", "skip_chunks", "process_output", "kv_f16", "act_quant")},
-               **_versions()}
-        store = CheckpointStore(options.checkpoint_dir, key, log)
-
-    shape = (n_chunks, ctx, cfg.n_embd)
-    if options.hidden_path is not None:
-        hidden = np.lib.format.open_memmap(options.hidden_path, mode="w+", dtype=np.float32, shape=shape)
-    else:
-        hidden = np.empty(shape, np.float32)
-
-    # resume: two hidden-state units alternate ("hidden-0", "hidden-1"), each saying which layer
-    # it follows, so one is intact whenever the other is being replaced; take the later one
-    # whose layers all have their statistics
-    collector = Collector()
-    start = 0
-    if store is not None:
-        saved = [(int(d["layer"]), d) for u in ("hidden-0", "hidden-1")
-                 if (p := store.get(u)) is not None for d in [_read_npz(p)]]
-        for layer_done, data in sorted(saved, key=lambda t: -t[0]):
-            stats = [store.get(f"stats-{il}") for il in range(layer_done + 1)]
-            if data["hidden"].shape == shape and all(p is not None for p in stats):
-                hidden[...] = data["hidden"]
-                for p in stats:
-                    collector.add_npz(_read_npz(p))
-                start = layer_done + 1
-                log(f"resuming after layer {layer_done} from {options.checkpoint_dir}")
-                break
-        del saved
-    if start == 0:
-        model.embed(chunks, out=hidden)
-
-    for il in range(start, cfg.n_layer):
-        w = model.layer_weights(il)
-        layer = Collector()
-        for c in range(n_chunks):
-            hidden[c] = model.layer(il, w, np.asarray(hidden[c]), layer)
-            report(Progress("chunk", il * n_chunks + c + 1, cfg.n_layer * n_chunks, f"blk.{il}"))
-        del w
-        collector.sums.update(layer.sums)
-        collector.counts.update(layer.counts)
-        if store is not None:
-            with store.put(f"stats-{il}") as fh:
-                fh.write(layer.to_npz())
-            with store.put(f"hidden-{il % 2}") as fh:
-                fh.write(_npz(layer=np.array(il), hidden=np.asarray(hidden)))
-        report(Progress("layer", il + 1, cfg.n_layer, f"blk.{il}"))
-
-    # the output projection: its input is the final-normed hidden state of every position
-    if options.process_output and model.output_name == "output.weight":
-        out = Collector()
-        for c in range(n_chunks):
-            out("output.weight", model.final_norm(np.asarray(hidden[c])))
-        collector.sums.update(out.sums)
-        collector.counts.update(out.counts)
-
     ppl = None
     if options.compute_ppl:
         first = ctx // 2
-        scored = np.ascontiguousarray(hidden[:, first:ctx - 1]).reshape(-1, cfg.n_embd)
+        cfg = model.config
+        scored = np.ascontiguousarray(run.hidden[:, first:ctx - 1]).reshape(-1, cfg.n_embd)
+        run.hidden = None
+        if options.hidden_path is not None:
+            os.unlink(options.hidden_path)
         stats, _, _ = head_pass(model, model.head_input(scored), chunks[:, first + 1:].reshape(-1),
                                 PerplexityOptions(ctx=ctx), report)
         ppl = float(np.exp(stats.nll().mean()))
-    del hidden
-    if options.hidden_path is not None:
-        os.unlink(options.hidden_path)
 
+    collector = imatrix.result()
     entries = {name: imf.ImatrixEntry(collector.sums[name].astype(np.float32).reshape(1, -1),
                                       np.array([collector.counts[name]], np.float32))
                for name in sorted(collector.sums)}
     chunk_count = max((c for c in collector.counts.values()), default=0) // ctx
     result = imf.Imatrix(entries, [options.dataset] if options.dataset else [], chunk_count, ctx)
-    if store is not None and not options.keep_checkpoints:
-        store.remove()
-    return ImatrixResult(result, n_chunks, n_chunks * ctx, time.perf_counter() - t0, start, ppl)
+    return ImatrixResult(result, n_chunks, n_chunks * ctx, run.seconds, run.resumed_layers, ppl)
 
 
 def merge(base: imf.Imatrix | None, others: list[imf.Imatrix], chunk_size: int) -> imf.Imatrix:

@@ -28,6 +28,7 @@ from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.errors import InputError
 
 Hook = Callable[[str, np.ndarray], None]  # (weight name, matmul input [n_tokens, n_in])
+OutputHook = Callable[[str, np.ndarray], None]  # (weight name, matmul output [n_tokens, n_out], bias added)
 
 # per-layer tensors by short name; those marked optional may be absent
 _LAYER_TENSORS = {
@@ -120,8 +121,10 @@ class Model:
         out[...] = table[inverse].reshape(out.shape)
         return out
 
-    def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None) -> np.ndarray:
-        """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]."""
+    def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None,
+              on_output: OutputHook | None = None) -> np.ndarray:
+        """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]. `hook` sees every
+        matmul's input (before the activation rounding), `on_output` its output."""
         cfg = self.config
         T = x.shape[0]
 
@@ -141,7 +144,11 @@ class Model:
                 xin = rounded[key][1]
             y = xin @ w[name].T  # [T, n_in] @ [n_in, n_out]
             b = w.get(name + ".bias")
-            return y if b is None else y + b
+            if b is not None:
+                y = y + b
+            if on_output is not None:
+                on_output(full, y)
+            return y
 
         # attention
         h = rms_norm(x, w["attn_norm"], cfg.norm_eps)  # [T, n_embd]
