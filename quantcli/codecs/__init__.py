@@ -2,6 +2,8 @@
 
     quantize(x, "Q4_K", importance=None) -> (rows, row_bytes) uint8
     dequantize(data, "Q4_K", shape) -> float32 of `shape`
+    quantize_with_error(x, "Q4_K", importance=None) -> (bytes, QuantError)
+    measure(x, "Q4_K", importance=None) -> QuantError   # the error alone, memory bounded
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from quantcli.codecs.base import (
     registered_types,
     resolve_type,
 )
+from quantcli.codecs.error import QuantError, error_of
 from quantcli.errors import NumericError, UsageError
 
-__all__ = ["Codec", "quantize", "dequantize", "get_codec", "load_kernels", "registered_types", "resolve_type"]
+__all__ = ["Codec", "QuantError", "quantize", "quantize_with_error", "measure", "dequantize",
+           "get_codec", "load_kernels", "registered_types", "resolve_type"]
 
 
 def quantize(
@@ -36,6 +40,46 @@ def quantize(
     Returns:
         uint8 `(rows, row_bytes)`.
     """
+    codec, x, importance, amax = _checked(x, ggml_type, importance)
+    if amax is None:
+        return np.zeros((x.shape[0], codec.row_bytes(x.shape[1])), dtype=np.uint8)
+    return _encode(codec, x, importance, amax)
+
+
+def quantize_with_error(
+    x: np.ndarray,
+    ggml_type: "str | int | GGMLQuantizationType",
+    importance: np.ndarray | None = None,
+) -> tuple[np.ndarray, QuantError]:
+    """`quantize`, and the error those bytes make on `x` (weighted by `importance` when given)."""
+    codec, x, importance, amax = _checked(x, ggml_type, importance)
+    if amax is None:
+        return quantize(x, codec.ggml_type), _no_values(codec, x)
+    data = _encode(codec, x, importance, amax)
+    return data, error_of(codec, x, importance, data)
+
+
+def measure(
+    x: np.ndarray,
+    ggml_type: "str | int | GGMLQuantizationType",
+    importance: np.ndarray | None = None,
+) -> QuantError:
+    """The error `quantize(x, ggml_type, importance)` makes, without keeping the bytes: rows are
+    quantized and decoded a chunk at a time."""
+    codec, x, importance, amax = _checked(x, ggml_type, importance)
+    if amax is None:
+        return _no_values(codec, x)
+    return error_of(codec, x, importance,
+                    encode=lambda r0, r1: _encode(codec, x[r0:r1], importance, amax[r0:r1], r0))
+
+
+def _no_values(codec: type[Codec], x: np.ndarray) -> QuantError:
+    return QuantError.from_rows(codec.ggml_type, x.shape[1], np.zeros((x.shape[0], 5)))
+
+
+def _checked(x, ggml_type, importance):
+    """Validate `quantize`'s arguments -> (codec, x as C-contiguous float32 (rows, cols),
+    importance as float32 (cols,) or None, each row's absmax, or None when there are no values)."""
     codec = get_codec(ggml_type)
     name = codec.ggml_type.name
     x = np.asarray(x)
@@ -52,7 +96,7 @@ def quantize(
             hint="pick a type with a smaller block (e.g. Q8_0, Q5_0, IQ4_NL) for this tensor",
         )
     if rows == 0 or cols == 0:
-        return np.zeros((rows, codec.row_bytes(cols)), dtype=np.uint8)
+        return codec, x, importance, None
     from quantcli.codecs._ggml_math import row_absmax  # numba: loaded with the codec families
 
     amax = row_absmax(x.view(np.int32))  # one pass; NaN/Inf make a row's maximum non-finite
@@ -70,12 +114,19 @@ def quantize(
             f"{name} cannot be quantized without importance weights (ggml refuses it)",
             hint="pass an importance matrix with --imatrix (make one with `quantcli imatrix`)",
         )
+    return codec, x, importance, amax
+
+
+def _encode(codec: type[Codec], x: np.ndarray, importance: np.ndarray | None, amax: np.ndarray,
+            row0: int = 0) -> np.ndarray:
+    """Quantize checked rows `x` (rows row0.. of the caller's input, for error messages)."""
     out = codec.quantize_rows(x, importance)
-    _check_no_overflow(codec, x, amax, out)
+    _check_no_overflow(codec, x, amax, out, row0)
     return out
 
 
-def _check_no_overflow(codec: type[Codec], x: np.ndarray, amax: np.ndarray, out: np.ndarray) -> None:
+def _check_no_overflow(codec: type[Codec], x: np.ndarray, amax: np.ndarray, out: np.ndarray,
+                       row0: int = 0) -> None:
     """A block whose fp16 scale overflowed decodes to Inf/NaN: refuse it rather than write it."""
     suspect = np.nonzero(amax > 1e4)[0]  # below this no type's fp16 scale can overflow
     if suspect.size == 0:
@@ -85,7 +136,7 @@ def _check_no_overflow(codec: type[Codec], x: np.ndarray, amax: np.ndarray, out:
     if bad.any():
         row = int(suspect[np.argmax(bad)])
         raise NumericError(
-            f"row {row} has values up to {amax[row]:.4g}: {codec.ggml_type.name}'s fp16 block "
+            f"row {row0 + row} has values up to {amax[row]:.4g}: {codec.ggml_type.name}'s fp16 block "
             f"scale would overflow (max {FP16_MAX:g})",
             hint="keep this tensor in F32 or BF16 (e.g. --tensor-type NAME=F32)",
         )

@@ -34,6 +34,13 @@ class Codec:
         super().__init_subclass__(**kwargs)
         if ggml_type is None:
             return
+        prior = _REGISTRY.get(ggml_type)
+        if prior is not None:  # as gguf-py asserts qtype not in _type_traits
+            raise ValueError(
+                f"GGML type {ggml_type.name} is already registered to "
+                f"{prior.__module__}.{prior.__qualname__}; {cls.__module__}.{cls.__qualname__} "
+                f"cannot register it again (subclass without ggml_type= to reuse a codec)"
+            )
         cls.ggml_type = ggml_type
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
         _REGISTRY[ggml_type] = cls

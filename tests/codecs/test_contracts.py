@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as Q
 
 from quantcli import codecs
 from quantcli.errors import UsageError
+from quantcli.formats import open_model
+from quantcli.pipelines import verify as vp
+from tests.conftest import gguf_bytes
 
 
 def _q4_0_blocks(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -65,16 +68,60 @@ def test_quant_004_odd_block_counts_pack_nibbles_in_place():
 
 
 def test_quant_005_compression_ratio():
-    block, size = GGML_QUANT_SIZES[Q.Q4_0]
-    ratio = 4 * block / size  # F32 bytes / Q4_0 bytes
-    assert ratio == pytest.approx(32 * 4 / 18) and ratio > 6.0
-    x = np.ones((8, 4096), np.float32)
-    assert codecs.quantize(x, "Q4_0").nbytes * ratio == pytest.approx(x.nbytes)
+    """FALSIFY-QUANT-005: Q4_0 stores 32 weights in 18 bytes, over 6x smaller than F32, in what
+    quantcli's codecs write, not only in ggml's table."""
+    x = np.random.default_rng(5).standard_normal((8, 4096)).astype(np.float32)
+    q4 = codecs.quantize(x, "Q4_0")
+    f32 = codecs.quantize(x, "F32")
+    assert f32.nbytes == x.nbytes
+    assert q4.shape == (8, codecs.get_codec("Q4_0").row_bytes(4096)) == (8, 4096 // 32 * 18)
+    assert f32.nbytes / q4.nbytes == pytest.approx(32 * 4 / 18) and f32.nbytes / q4.nbytes > 6.0
+
+
+ORDER = ["Q4_K", "Q6_K", "Q8_0", "F16", "F32"]
+BYTES_PER_32 = [18.0, 26.25, 34.0, 64.0, 128.0]  # Q6_K is 210/256 bytes, not spec's 26/32
 
 
 def test_qo_001_size_ordering_strict():
-    n = 256 * 1000
-    sizes = [n // GGML_QUANT_SIZES[t][0] * GGML_QUANT_SIZES[t][1] for t in (Q.Q4_K, Q.Q6_K, Q.Q8_0, Q.F16, Q.F32)]
-    assert sizes == sorted(sizes) and len(set(sizes)) == 5
-    per_32 = [s * 32 / n for s in sizes]
-    assert per_32 == [18.0, 26.25, 34.0, 64.0, 128.0]  # Q6_K is 210/256 bytes, not spec's 26/32
+    """FALSIFY-QO-001: for the same weights, quantcli writes strictly fewer bytes for
+    Q4_K < Q6_K < Q8_0 < F16 < F32, at ggml's rates."""
+    x = np.random.default_rng(6).standard_normal((3, 256 * 4)).astype(np.float32)
+    written = [codecs.quantize(x, t).nbytes for t in ORDER]
+    assert written == [3 * codecs.get_codec(t).row_bytes(x.shape[1]) for t in ORDER]
+    assert all(a < b for a, b in zip(written, written[1:]))
+    assert [n * 32 / x.size for n in written] == BYTES_PER_32
+
+
+def _contract_file(path):
+    """A GGUF with one (2, 512) tensor of each ORDER type, quantized by quantcli's codecs."""
+    x = np.random.default_rng(7).standard_normal((2, 512)).astype(np.float32)
+    tensors = [(f"t.{t.lower()}", [512, 2], int(Q[t]), codecs.quantize(x, t).tobytes()) for t in ORDER]
+    path.write_bytes(gguf_bytes(tensors=tensors))
+    return path, tensors
+
+
+def test_qo_001_verify_size_contract(tmp_path):
+    """FALSIFY-QO-001 through `verify`: its size_contract check passes on a file of quantcli's
+    bytes, reporting each type's bytes per parameter as the codecs wrote them."""
+    path, tensors = _contract_file(tmp_path / "sizes.gguf")
+    with open_model(path) as reader:
+        assert [reader.tensors[name].nbytes for name, *_ in tensors] == [len(t[3]) for t in tensors]
+        check = vp._size_contract(reader)
+    assert check.ok, check
+    assert check.figure == {t: round(len(data) / 1024, 6) for t, (*_, data) in zip(ORDER, tensors)}
+    assert check.detail.startswith("bytes/param Q4_K 0.5625 < Q6_K 0.8203 < Q8_0 1.0625 < F16 2.0000")
+    res = vp.run(vp.VerifyOptions(path))
+    assert [(c.name, c.ok) for c in res.checks] == [("structure", True), ("finite", True),
+                                                     ("size_contract", True)]
+
+
+def test_qo_001_verify_refuses_a_short_tensor(tmp_path):
+    """FALSIFY-QO-001: a tensor with fewer bytes than its type needs fails `verify` (at structure:
+    the header is not trusted before its sizes are)."""
+    path, tensors = _contract_file(tmp_path / "short.gguf")
+    name, ne, qtype, data = tensors[-1]
+    tensors[-1] = (name, ne, qtype, data[:-64])  # F32 (2, 512) needs 4096 bytes
+    path.write_bytes(gguf_bytes(tensors=tensors))
+    res = vp.run(vp.VerifyOptions(path))
+    assert [(c.name, c.ok) for c in res.checks] == [("structure", False)]
+    assert f"tensor '{name}' data ends at byte" in res.checks[0].detail
