@@ -1,4 +1,5 @@
-"""Builders for tiny GGUF and safetensors files, written byte by byte so tests can also break them."""
+"""Fixtures over tests/models.py's one model builder, and GGUF / safetensors files written byte by
+byte so tests can break them (gguf_bytes, f32_tensor, safetensors_bytes)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
+
+from tests.models import PLAIN_LLAMA, write_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -82,23 +86,39 @@ def _private_hash_cache(tmp_path_factory) -> None:
     os.environ["QUANTCLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("quantcli-cache"))
 
 
+# the partial llama the format, report and dequantize tests read: these four tensors, all F32,
+# token_embd first from default_rng(1) unscaled (test_readers compares it with those values)
+TINY_GGUF_TENSORS = ("token_embd.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight", "blk.1.attn_q.weight")
+
+
 @pytest.fixture
 def tiny_gguf(tmp_path: Path) -> Path:
-    """A 2-layer toy model in GGUF: F32 weights, a norm, metadata with an architecture."""
-    kvs = [
-        ("general.architecture", 8, gguf_string("llama")),
-        ("llama.block_count", 4, struct.pack("<I", 2)),
-        ("llama.context_length", 4, struct.pack("<I", 128)),
-    ]
-    tensors = [
-        f32_tensor("token_embd.weight", 16, 64, 1),
-        ("blk.0.attn_norm.weight", [64], 0, np.ones(64, "<f4").tobytes()),
-        f32_tensor("blk.0.attn_q.weight", 64, 64, 2),
-        f32_tensor("blk.1.attn_q.weight", 64, 64, 3),
-    ]
-    path = tmp_path / "tiny.gguf"
-    path.write_bytes(gguf_bytes(kvs, tensors))
-    return path
+    """A 2-layer toy llama in GGUF: F32 weights, a norm, metadata with an architecture, no vocabulary."""
+    return write_model(tmp_path / "tiny.gguf", "llama", n_layer=2, n_embd=64, n_vocab=16, tokenizer=False,
+                       seed=1, scale=1.0, tensors=TINY_GGUF_TENSORS)
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Callable[..., Path]:
+    """tiny_model(arch, **kw) -> path of a freshly written random model (tests.models.write_model)."""
+    count = [0]
+
+    def make(arch: str = "llama", **kw) -> Path:
+        count[0] += 1
+        return write_model(tmp_path / f"{arch}-{count[0]}.gguf", arch, **kw)
+
+    return make
+
+
+@pytest.fixture
+def plain_llama(tmp_path: Path) -> Callable[..., Path]:
+    """plain_llama(name, n_layer=4, **overrides) -> a PLAIN_LLAMA model (256-divisible rows, no
+    vocabulary, untied) in tmp_path."""
+
+    def make(name: str = "m.gguf", n_layer: int = 4, **kw) -> Path:
+        return write_model(tmp_path / name, "llama", n_layer=n_layer, **{**PLAIN_LLAMA, **kw})
+
+    return make
 
 
 @pytest.fixture(scope="session")

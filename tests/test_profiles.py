@@ -9,7 +9,6 @@ import pytest
 from quantcli import profiles
 from quantcli.errors import UsageError
 from quantcli.pipelines import quantize as qp
-from tests.pipelines.test_quantize import write_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +25,8 @@ def _plan(model: Path, profile: Path):
 
 
 @pytest.fixture
-def model(tmp_path) -> Path:
-    return write_llama(tmp_path / "m.gguf", n_layer=8)
+def model(plain_llama) -> Path:
+    return plain_llama("m.gguf", n_layer=8)
 
 
 def test_rules_layers_keep(model, tmp_path):
@@ -85,8 +84,8 @@ def test_billion_laughs_is_refused_fast(tmp_path):
         profiles.load(_profile(tmp_path, "\n".join(lines) + "\n"))
 
 
-def test_block_mismatch_is_an_error_unless_fallback(tmp_path):
-    model = write_llama(tmp_path / "m.gguf", n_layer=2, n_embd=96, n_ff=192, vocab=64)
+def test_block_mismatch_is_an_error_unless_fallback(plain_llama, tmp_path):
+    model = plain_llama("m.gguf", n_layer=2, n_embd=96, n_ff=192, n_vocab=64)
     strict = _profile(tmp_path, "base: Q8_0\nrules:\n  - regex: attn_q\n    type: Q4_K\n")
     with pytest.raises(UsageError, match=r"p.yaml:3: type 'Q4_K' needs rows divisible by 256, tensor blk.0.attn_q.weight has 96"):
         _plan(model, strict)

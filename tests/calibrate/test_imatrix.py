@@ -16,7 +16,7 @@ from quantcli.engine.perplexity import chunk_tokens
 from quantcli.progress import Progress
 from quantcli.errors import UsageError
 from quantcli.formats import open_model
-from tests.engine.conftest import write_model
+from tests.models import write_model
 
 DATA = Path(__file__).parent.parent / "data" / "engine"
 WEIGHTS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]

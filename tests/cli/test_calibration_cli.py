@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from quantcli.calibrate import imatrix_file as imf
 from quantcli.cli.app import app
-from tests.engine.conftest import write_model
+from tests.models import write_model
 
 runner = CliRunner()
 TEXT = "In the beginning God created the heaven and the earth. " * 60

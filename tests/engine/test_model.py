@@ -14,7 +14,7 @@ from quantcli.engine.config import ModelConfig
 from quantcli.engine.model import Model, forward, run_layers
 from quantcli.errors import InputError
 from quantcli.formats import open_model
-from tests.engine.conftest import ARCHS
+from tests.models import ARCHS, write_model
 
 
 def reference_logits(path, tokens: np.ndarray) -> np.ndarray:
@@ -133,16 +133,14 @@ def test_config_per_architecture(tiny_model):
 
 
 def test_unsupported_architecture_is_refused(tmp_path):
-    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
-    w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    with open_model(tmp_path / "m.gguf") as r, pytest.raises(InputError, match="architecture 'mamba'"):
+    path = write_model(tmp_path / "m.gguf", "mamba", tokenizer=False, tensors=("token_embd.weight",))
+    with open_model(path) as r, pytest.raises(InputError, match="architecture 'mamba'"):
         Model(r)
 
 
 def test_quantized_weights_round_activations_like_ggml(tiny_model):
     tokens = np.random.default_rng(4).integers(0, 275, (1, 16))
-    path = tiny_model("llama", qtype="Q8_0", tied=False)
+    path = tiny_model("llama", dtype="Q8_0", tied=False)
     with open_model(path) as r:
         exact = forward(Model(r, act_quant=False), tokens)
         rounded = forward(Model(r, act_quant=True), tokens)

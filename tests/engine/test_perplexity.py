@@ -15,7 +15,7 @@ from quantcli.errors import InputError
 from quantcli.formats import open_model
 
 DATA = Path(__file__).parent.parent / "data" / "engine"
-V = 275  # tiny vocabulary size (conftest)
+V = 275  # tiny vocabulary size (tests/models.py)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -63,7 +63,7 @@ def test_streamed_head_equals_full_logits(tiny_model, arch):
 
 def test_kld_against_base_equals_brute_force(tiny_model):
     base_path = tiny_model("qwen3", seed=3)
-    model_path = tiny_model("qwen3", seed=3, qtype="Q8_0")  # same weights, quantized
+    model_path = tiny_model("qwen3", seed=3, dtype="Q8_0")  # same weights, quantized
     tokens = np.random.default_rng(2).integers(0, V, 130)
     opts = PerplexityOptions(ctx=32, vocab_slice=50, position_block=16)
     with open_model(base_path) as rb, open_model(model_path) as rm:

@@ -17,48 +17,17 @@ from gguf import GGMLQuantizationType as Q
 
 from quantcli import codecs
 from quantcli.errors import InputError, OutputError, UsageError
-from quantcli.formats import GGUFWriter, TensorInfo, open_model
+from quantcli.formats import TensorInfo, open_model
 from quantcli.pipelines import quantize as qp
+from quantcli.pipelines import slices
+from tests.models import PLAIN_LLAMA, write_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_llama(path: Path, n_layer: int = 4, n_embd: int = 256, n_ff: int = 512, vocab: int = 512,
-                seed: int = 0, dtype: Q = Q.F32) -> Path:
-    """A llama-architecture GGUF with random weights (F32 or F16), 256-divisible rows."""
-    rng = np.random.default_rng(seed)
-    meta = {"general.architecture": "llama", "general.name": "tiny", "llama.block_count": n_layer,
-            "llama.context_length": 256, "llama.embedding_length": n_embd,
-            "llama.feed_forward_length": n_ff, "llama.attention.head_count": 4,
-            "llama.attention.head_count_kv": 4, "llama.rope.dimension_count": n_embd // 4,
-            "llama.attention.layer_norm_rms_epsilon": 1e-5, "general.file_type": 0}
-    tensors: list[tuple[str, np.ndarray]] = [("token_embd.weight", rng.standard_normal((vocab, n_embd)))]
-    for i in range(n_layer):
-        tensors += [
-            (f"blk.{i}.attn_norm.weight", np.ones(n_embd)),
-            (f"blk.{i}.attn_q.weight", rng.standard_normal((n_embd, n_embd))),
-            (f"blk.{i}.attn_k.weight", rng.standard_normal((n_embd, n_embd))),
-            (f"blk.{i}.attn_v.weight", rng.standard_normal((n_embd, n_embd))),
-            (f"blk.{i}.attn_output.weight", rng.standard_normal((n_embd, n_embd))),
-            (f"blk.{i}.ffn_norm.weight", np.ones(n_embd)),
-            (f"blk.{i}.ffn_gate.weight", rng.standard_normal((n_ff, n_embd))),
-            (f"blk.{i}.ffn_up.weight", rng.standard_normal((n_ff, n_embd))),
-            (f"blk.{i}.ffn_down.weight", rng.standard_normal((n_embd, n_ff))),
-        ]
-    tensors += [("output_norm.weight", np.ones(n_embd)), ("output.weight", rng.standard_normal((vocab, n_embd)))]
-    arrays = [(n, (a * 0.02).astype(np.float32 if dtype == Q.F32 or a.ndim == 1 else np.float16))
-              for n, a in tensors]
-    with open(path, "wb") as fh:
-        w = GGUFWriter(fh, meta, [(n, a.shape, Q.F32 if a.dtype == np.float32 else Q.F16) for n, a in arrays])
-        for n, a in arrays:
-            w.write_tensor(n, a)
-        w.finish()
-    return path
-
-
 @pytest.fixture
 def tiny(tmp_path) -> Path:
-    return write_llama(tmp_path / "tiny-f32.gguf")
+    return write_model(tmp_path / "tiny-f32.gguf", n_layer=4, **PLAIN_LLAMA)
 
 
 def test_dry_run_plan_writes_nothing(tiny, tmp_path):
@@ -105,7 +74,7 @@ def test_small_slices_and_threads_do_not_change_bytes(tiny, tmp_path, monkeypatc
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     qp.run(qp.QuantizeOptions(tiny, a, "Q4_K_M", threads=1))
-    monkeypatch.setattr(qp, "CHUNK_BYTES", 4096)  # 4 rows of 256 floats per slice
+    monkeypatch.setattr(slices, "CHUNK_BYTES", 4096)  # 4 rows of 256 floats per slice
     qp.run(qp.QuantizeOptions(tiny, b, "Q4_K_M", threads=3))
     assert a.read_bytes() == b.read_bytes()
 
@@ -115,14 +84,13 @@ def test_slices_of_an_expert_tensor_stay_within_each_matrix():
                       ggml_type=Q.F32, nbytes=2 * 8 * 32 * 4, offset=0)
     p = qp.PlannedTensor(info, "Q8_0", "test", 2 * 8 * 34)
     imp = np.arange(64, dtype=np.float32)
-    slices = qp.slices_of(p, imp, offset=1000, pad=12, chunk=3 * 32 * 4)
+    slices = qp.slices_of(p, imp, chunk=3 * 32 * 4)
     assert [(s.start, s.stop) for s in slices] == [(0, 3), (3, 6), (6, 8), (8, 11), (11, 14), (14, 16)]
     assert all(np.array_equal(s.importance, imp[:32] if s.start < 8 else imp[32:]) for s in slices)
-    assert [s.offset for s in slices] == [1000 + s.start * 34 for s in slices]
+    assert [s.nbytes for s in slices] == [(s.stop - s.start) * 34 for s in slices]
     assert sum(s.nbytes for s in slices) == p.nbytes
-    assert [s.pad for s in slices] == [0, 0, 0, 0, 0, 12]
     with pytest.raises(InputError, match="has 32 values, expected 64"):
-        qp.slices_of(p, imp[:32], offset=0, pad=0)
+        qp.slices_of(p, imp[:32])
 
 
 def test_requantize_needs_flag(tiny, tmp_path):
@@ -144,8 +112,8 @@ def test_override_kv_and_tensor_type(tiny, tmp_path):
         qp.run(qp.QuantizeOptions(tiny, tmp_path / "x.gguf", "Q4_K_M", override_kv=("nonsense",)))
 
 
-def test_nan_weights_are_refused_without_output(tmp_path):
-    src = write_llama(tmp_path / "nan.gguf", n_layer=1)
+def test_nan_weights_are_refused_without_output(plain_llama, tmp_path):
+    src = plain_llama("nan.gguf", n_layer=1)
     data = bytearray(src.read_bytes())
     with open_model(src) as m:
         off = m.tensors["blk.0.attn_q.weight"].offset
@@ -243,10 +211,10 @@ def _cli(*args: str, env: dict) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
 
 
-def test_sigkill_at_random_moments_then_resume_is_byte_identical(tmp_path):
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(plain_llama, tmp_path):
     """SIGKILL a real run at 20 random moments; after each the output is absent or complete, and
     the final, resumed file equals an uninterrupted run byte for byte."""
-    src = write_llama(tmp_path / "src.gguf", n_layer=8, n_embd=256, n_ff=768)
+    src = plain_llama("src.gguf", n_layer=8, n_ff=768)
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
     ref = tmp_path / "ref.gguf"
     t0 = time.perf_counter()

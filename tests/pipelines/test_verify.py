@@ -12,7 +12,7 @@ from quantcli.cli.app import app
 from quantcli.formats import open_model
 from quantcli.pipelines import quantize as qp
 from quantcli.pipelines import verify as vp
-from tests.pipelines.test_quantize import write_llama
+from tests.models import PLAIN_LLAMA, write_model
 
 runner = CliRunner()
 
@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     d = tmp_path_factory.mktemp("v")
-    src = write_llama(d / "src.gguf", n_layer=2)
+    src = write_model(d / "src.gguf", n_layer=2, **PLAIN_LLAMA)
     out = d / "q4km.gguf"
     qp.run(qp.QuantizeOptions(src, out, "Q4_K_M"))
     return out
@@ -55,8 +55,8 @@ def test_structure_failure(tmp_path, quantized):
     assert "truncated" in doc["checks"][0]["detail"]
 
 
-def test_non_finite_weights_fail(tmp_path):
-    src = write_llama(tmp_path / "src.gguf", n_layer=1)
+def test_non_finite_weights_fail(plain_llama):
+    src = plain_llama("src.gguf", n_layer=1)
     data = bytearray(src.read_bytes())
     with open_model(src) as m:
         off = m.tensors["blk.0.ffn_up.weight"].offset
