@@ -373,3 +373,15 @@ def row_absmax(xi):
             m = b if b > m else m
         out[r] = f32_from_bits(np.int64(m))
     return out
+
+
+def readonly(a: np.ndarray | None) -> np.ndarray | None:
+    """A read-only view of `a` (None stays None), for a kernel's input arrays: numba compiles a
+    kernel once per argument type, and a writeable array is another type than a read-only one (a
+    memory map), so every caller passes this view and each kernel has one signature to compile
+    or cache."""
+    if a is None:
+        return None
+    v = a.view()
+    v.flags.writeable = False
+    return v

@@ -171,9 +171,12 @@ def error_of(
     chunk = max(1, min(rows, CHUNK_VALUES // max(cols, 1)))
     buf = np.empty((chunk, cols), np.float32)
     kernel = _error_kernel()
+    from quantcli.codecs._ggml_math import readonly  # one signature, memory map or not
+
+    imp = readonly(imp)
     for r0 in range(0, rows, chunk):
         r1 = min(rows, r0 + chunk)
         part = data[r0:r1] if data is not None else encode(r0, r1)
         y = codec.dequantize_rows(part, cols, out=buf[: r1 - r0])
-        kernel(x[r0:r1], y, imp, stats[r0:r1])
+        kernel(readonly(x[r0:r1]), readonly(y), imp, stats[r0:r1])
     return QuantError.from_rows(codec.ggml_type, cols, stats)

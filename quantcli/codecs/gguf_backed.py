@@ -17,7 +17,7 @@ from gguf import quants as gq
 from numba import njit
 
 from quantcli.codecs._dequant import dequant_q8_0
-from quantcli.codecs._ggml_math import F0, F1, JIT, f32_from_bits, fp32_to_fp16, put_fp16
+from quantcli.codecs._ggml_math import F0, F1, JIT, f32_from_bits, fp32_to_fp16, put_fp16, readonly
 from quantcli.codecs.base import Codec, rows_into, rows_out
 
 
@@ -40,7 +40,7 @@ class GgufBacked(Codec):
         if cls.dequant_kernel is not None:
             out = rows_out(out, data.shape[0], cols)
             blocks = np.ascontiguousarray(data).view(np.uint8).reshape(-1, cls.type_size)
-            cls.dequant_kernel(blocks, out.reshape(-1))
+            cls.dequant_kernel(readonly(blocks), out.reshape(-1))
             return out
         with np.errstate(all="ignore"):
             y = gq.dequantize(data, cls.ggml_type).astype(np.float32, copy=False)
@@ -231,7 +231,7 @@ class F16(Codec, ggml_type=Q.F16):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.empty(x.shape, np.uint16)
-        _f16_row(x.reshape(-1), out.reshape(-1))
+        _f16_row(readonly(x.reshape(-1)), out.reshape(-1))
         return out.view(np.uint8)
 
     @classmethod
@@ -250,7 +250,7 @@ class _RefBlocks(GgufBacked):
     def quantize_rows(cls, x, importance):
         rows, cols = x.shape
         out = np.empty((rows * (cols // cls.block_size), cls.type_size), np.uint8)
-        cls.kernel(x.reshape(-1), out)
+        cls.kernel(readonly(x.reshape(-1)), out)
         return out.reshape(rows, cls.row_bytes(cols))
 
 
@@ -258,7 +258,7 @@ class BF16(GgufBacked, ggml_type=Q.BF16):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.empty(x.shape, np.uint16)
-        _bf16_row(x.reshape(-1).view(np.int32), out.reshape(-1))
+        _bf16_row(readonly(x.reshape(-1).view(np.int32)), out.reshape(-1))
         return out.view(np.uint8)
 
 

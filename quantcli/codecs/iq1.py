@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import njit
 
-from quantcli.codecs._ggml_math import F0, F1, JIT, f32_bits, fp32_to_fp16, nearest_int
+from quantcli.codecs._ggml_math import F0, F1, JIT, f32_bits, fp32_to_fp16, nearest_int, readonly
 from quantcli.codecs.gguf_backed import GgufBacked
 from quantcli.codecs.iq2 import FLT_MAX, HALF, F256, grid_tables
 
@@ -442,7 +442,7 @@ class IQ1_S(GgufBacked, ggml_type=Q.IQ1_S):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq1_s_rows(x, importance, *_tables(), out)
+        _iq1_s_rows(readonly(x), readonly(importance), *_tables(), out)
         return out
 
 
@@ -450,5 +450,5 @@ class IQ1_M(GgufBacked, ggml_type=Q.IQ1_M):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq1_m_rows(x, importance, *_tables(), out)
+        _iq1_m_rows(readonly(x), readonly(importance), *_tables(), out)
         return out

@@ -28,6 +28,7 @@ from quantcli.codecs._ggml_math import (
     fp32_to_fp16,
     make_qp_quants,
     nearest_int,
+    readonly,
 )
 from quantcli.codecs.gguf_backed import GgufBacked
 
@@ -434,7 +435,7 @@ class IQ2_XXS(GgufBacked, ggml_type=Q.IQ2_XXS):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq2_xxs_rows(x, importance, *_tables(Q.IQ2_XXS), out)
+        _iq2_xxs_rows(readonly(x), readonly(importance), *_tables(Q.IQ2_XXS), out)
         return out
 
 
@@ -444,7 +445,7 @@ class IQ2_XS(GgufBacked, ggml_type=Q.IQ2_XS):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq2_16_rows(x, importance, False, *_tables(Q.IQ2_XS), out)
+        _iq2_16_rows(readonly(x), readonly(importance), False, *_tables(Q.IQ2_XS), out)
         return out
 
 
@@ -452,5 +453,5 @@ class IQ2_S(GgufBacked, ggml_type=Q.IQ2_S):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq2_16_rows(x, importance, True, *_tables(Q.IQ2_S), out)
+        _iq2_16_rows(readonly(x), readonly(importance), True, *_tables(Q.IQ2_S), out)
         return out

@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 from numba import njit
 
-from quantcli.codecs._ggml_math import F0, F1, JIT, nearest_int, put_fp16
+from quantcli.codecs._ggml_math import F0, F1, JIT, nearest_int, put_fp16, readonly
 from quantcli.codecs.gguf_backed import GgufBacked
 
 # helpers taking arrays are inlined into the row kernels at numba-IR level: a compiled call
@@ -285,7 +285,7 @@ def _iq3_rows(x, qw, levels, kmap, neigh, is_xxs, out):
 def _quantize(cls, x, importance, grid_size):
     levels, kmap, neigh = grid_tables(grid_size)
     out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-    _iq3_rows(x, importance, levels, kmap, neigh, grid_size == 256, out)
+    _iq3_rows(readonly(x), readonly(importance), levels, kmap, neigh, grid_size == 256, out)
     return out
 
 

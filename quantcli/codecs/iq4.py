@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 from numba import njit
 
-from quantcli.codecs._ggml_math import F0, F1, GROUP_MAX_EPS, JIT, nearest_int, put_fp16
+from quantcli.codecs._ggml_math import F0, F1, GROUP_MAX_EPS, JIT, nearest_int, put_fp16, readonly
 from quantcli.codecs.gguf_backed import GgufBacked
 
 # helpers taking arrays are inlined into the row kernels at numba-IR level: a compiled call
@@ -174,7 +174,7 @@ class IQ4_NL(GgufBacked, ggml_type=Q.IQ4_NL):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq4_nl_rows(x, importance, KVALUES, out)
+        _iq4_nl_rows(readonly(x), readonly(importance), KVALUES, out)
         return out
 
 
@@ -182,5 +182,5 @@ class IQ4_XS(GgufBacked, ggml_type=Q.IQ4_XS):
     @classmethod
     def quantize_rows(cls, x, importance):
         out = np.zeros((x.shape[0], cls.row_bytes(x.shape[1])), dtype=np.uint8)
-        _iq4_xs_rows(x, importance, KVALUES, out)
+        _iq4_xs_rows(readonly(x), readonly(importance), KVALUES, out)
         return out

@@ -34,6 +34,7 @@ from quantcli.codecs._ggml_math import (
     make_qx_quants,
     nearest_int,
     put_fp16,
+    readonly,
 )
 from quantcli.codecs._lanes import q3_lanes, qkx_lanes, qx_lanes
 from quantcli.codecs.gguf_backed import GgufBacked
@@ -569,7 +570,7 @@ def _q6_k(xf, qw, out, nb, weighted):
 
 # -- codecs ----------------------------------------------------------------------------------------
 
-_NO_WEIGHTS = np.zeros(1, np.float32)
+_NO_WEIGHTS = readonly(np.zeros(1, np.float32))
 
 
 class _KQuant(GgufBacked):
@@ -577,8 +578,8 @@ class _KQuant(GgufBacked):
     def quantize_rows(cls, x, importance):
         rows, cols = x.shape
         out = np.zeros((rows * (cols // QK_K), cls.type_size), dtype=np.uint8)
-        qw = _NO_WEIGHTS if importance is None else importance
-        cls._kernel(x.reshape(-1), qw, out, cols // QK_K, importance is not None)
+        qw = _NO_WEIGHTS if importance is None else readonly(importance)
+        cls._kernel(readonly(x.reshape(-1)), qw, out, cols // QK_K, importance is not None)
         return out.reshape(rows, cls.row_bytes(cols))
 
 

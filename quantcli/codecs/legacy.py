@@ -22,7 +22,7 @@ from quantcli.codecs._dequant import (
     dequant_q5_0,
     dequant_q5_1,
 )
-from quantcli.codecs._ggml_math import JIT, put_fp16, row_sigma2
+from quantcli.codecs._ggml_math import JIT, put_fp16, readonly, row_sigma2
 from quantcli.codecs._lanes import qkx_lanes, qx_lanes
 from quantcli.codecs.gguf_backed import GgufBacked
 
@@ -174,9 +174,9 @@ class _Legacy(GgufBacked):
         rows, cols = x.shape
         out = np.zeros((rows * (cols // QK), cls.type_size), dtype=np.uint8)
         if importance is None:
-            _legacy_ref(x.reshape(-1), out, cls.nmax, cls.asymmetric)
+            _legacy_ref(readonly(x.reshape(-1)), out, cls.nmax, cls.asymmetric)
         else:
-            _legacy_impl(x, importance, out, cls.nmax, cls.asymmetric)
+            _legacy_impl(readonly(x), readonly(importance), out, cls.nmax, cls.asymmetric)
         return out.reshape(rows, cls.row_bytes(cols))
 
 
