@@ -50,7 +50,8 @@ def render(rep: pipeline.Report, show_tensors: bool) -> None:
     out.print(t)
     ev = rep.evaluation
     if ev:
-        line = (f"perplexity {ev['perplexity']:.4f} ± {ev['perplexity_error']:.4f} on {ev['tokens']} tokens "
+        sim = f" as {ev['simulate']}" if ev.get("simulate") else ""
+        line = (f"perplexity{sim} {ev['perplexity']:.4f} ± {ev['perplexity_error']:.4f} on {ev['tokens']} tokens "
                 f"({ev['chunks']} chunks of {ev['ctx']}, {ev['tokens_per_second']} tok/s)")
         if ev.get("kld_mean") is not None:
             line += (f"; vs base: KLD mean {ev['kld_mean']:.6f}, p99 {ev['kld_p99']:.6f}, "
@@ -71,12 +72,17 @@ def report(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per evaluation chunk."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks."),
     base: Optional[Path] = typer.Option(None, "--base", help="Reference model for KL divergence and top-1 agreement."),
+    simulate: Optional[str] = typer.Option(None, "--simulate", help="Evaluate as an int8 engine runs it: "
+                                           "w8a8[:token|:tensor] (per-token dynamic, or per-tensor static "
+                                           "activation scales from the eval text's maxima)."),
 ) -> None:
     """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata;
     with --eval-text, perplexity (and KLD against --base)."""
     if base is not None and eval_text is None:
         raise UsageError("--base needs --eval-text")
-    evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base) if eval_text else None
+    if simulate is not None and eval_text is None:
+        raise UsageError("--simulate needs --eval-text")
+    evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base, simulate) if eval_text else None
     with progress_bar(as_json or evaluation is None, "evaluate") as progress:
         rep = pipeline.run(file, evaluation, progress)
     if as_json:

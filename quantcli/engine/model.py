@@ -7,7 +7,9 @@ memory holds one layer's weights (dequantized to float32) plus the hidden states
 emulated by rounding k and v to fp16, as llama.cpp stores them, and with `act_quant` every matmul
 input is rounded to the weight's ggml vec_dot_type (Q8_0, Q8_K, F16) as ggml-cpu's kernels do —
 for quantized weights that rounding, not the weights, is most of llama-perplexity's difference
-between an F32 model and one quantized from it without loss.
+between an F32 model and one quantized from it without loss. With `simulate=W8A8(...)`
+(engine/w8a8.py) the block linears run as an int8 engine runs them instead: int8 weights per
+channel, int8 activations per token or per tensor; the head and the embeddings stay as they are.
 
     model = Model(reader)
     hidden = model.embed(tokens)                       # [n_chunks, n_ctx, n_embd]
@@ -24,6 +26,7 @@ import numpy as np
 from quantcli.engine.config import ModelConfig
 from quantcli.engine.ops import (activation_type, attention, gelu, quantize_activations, rms_norm, rope,
                                  rope_cache, round_fp16, silu)
+from quantcli.engine.w8a8 import W8A8
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.errors import InputError
 
@@ -37,16 +40,21 @@ _LAYER_TENSORS = {
     "attn_q_norm": False, "attn_k_norm": False, "post_attention_norm": False, "post_ffw_norm": False,
 }
 _BIASES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LINEARS = _BIASES  # the block's linears (what `simulate` runs as W8A8)
 
 
 class Model:
     """Weights on demand from a model reader (`meta`, `tensors`, `load_f32`, `raw`)."""
 
-    def __init__(self, reader: Any, kv_f16: bool = True, act_quant: bool = True) -> None:
+    def __init__(self, reader: Any, kv_f16: bool = True, act_quant: bool = True,
+                 simulate: W8A8 | None = None) -> None:
         self.reader = reader
         self.config = ModelConfig.from_reader(reader)
         self.kv_f16 = kv_f16  # round k, v to fp16 as llama.cpp's default KV cache does
         self.act_quant = act_quant  # round matmul inputs to the weight's vec_dot_type like ggml-cpu
+        # run the block linears as an int8 engine would (instead of act_quant's rounding for them);
+        # layer_weights then gives their weights already int8-rounded
+        self.simulate = simulate
         self.output_name = "output.weight" if "output.weight" in reader.tensors else "token_embd.weight"
         ff = reader.tensors.get("rope_freqs.weight")
         self._freq_factors = None if ff is None else reader.load_f32("rope_freqs.weight").tobytes()
@@ -64,13 +72,16 @@ class Model:
 
     # -- weights -------------------------------------------------------------------------------
     def layer_weights(self, il: int) -> dict[str, np.ndarray]:
-        """Layer il's tensors as float32, by short name ('attn_q', 'attn_q.bias', ...)."""
+        """Layer il's tensors as float32, by short name ('attn_q', 'attn_q.bias', ...); with
+        `simulate`, the linears' weights as dequant(int8 per channel)."""
         names = self.reader.tensors
         w = {}
         for short in _LAYER_TENSORS:
             name = f"blk.{il}.{short}.weight"
             if name in names:
                 w[short] = self.reader.load_f32(name)
+                if self.simulate is not None and short in LINEARS:
+                    w[short] = self.simulate.weight(w[short])
         for short in _BIASES:
             name = f"blk.{il}.{short}.bias"
             if name in names:
@@ -124,7 +135,7 @@ class Model:
     def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None,
               on_output: OutputHook | None = None) -> np.ndarray:
         """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]. `hook` sees every
-        matmul's input (before the activation rounding), `on_output` its output."""
+        matmul's input (before the activation rounding or W8A8 quantization), `on_output` its output."""
         cfg = self.config
         T = x.shape[0]
 
@@ -137,7 +148,13 @@ class Model:
             if hook is not None:
                 hook(full, h)
             xin = h
-            if self.act_quant:
+            if self.simulate is not None:
+                # q/k/v (gate/up) share per-token scales; static per-tensor ones are per weight
+                key = (id(h), "" if self.simulate.mode == "token" else full)
+                if key not in rounded:
+                    rounded[key] = (h, self.simulate.activations(full, h))
+                xin = rounded[key][1]
+            elif self.act_quant:
                 key = (id(h), activation_type(self.reader.tensors[full].dtype))
                 if key not in rounded:
                     rounded[key] = (h, quantize_activations(h, key[1]))

@@ -32,6 +32,7 @@ import numpy as np
 from quantcli.engine.model import Model, run_layers
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.engine.tokenizer import Tokenizer
+from quantcli.engine.w8a8 import W8A8
 from quantcli.errors import InputError, UsageError
 
 
@@ -44,6 +45,7 @@ class PerplexityOptions:
     kv_f16: bool = True  # round k, v to fp16 like llama.cpp's default KV cache
     act_quant: bool = True  # round matmul inputs to Q8_0/Q8_K/F16 as ggml-cpu does for quantized weights
     hidden_path: Path | None = None  # scratch file to memory-map the hidden states (removed after)
+    simulate: W8A8 | None = None  # run the model's block linears as W8A8 (not the base's); see engine/w8a8.py
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,8 @@ def perplexity(model: Model, tokens: np.ndarray | list[int],
 def evaluate(model: Any, text: str, options: PerplexityOptions = PerplexityOptions(),
              base: Any = None, progress: ProgressFn | None = None) -> PerplexityResult:
     """Perplexity (and KLD against `base`) of a model on a text. `model` and `base` are paths or
-    open model readers; the text is tokenized with the model's vocabulary, as llama-perplexity."""
+    open model readers; the text is tokenized with the model's vocabulary, as llama-perplexity.
+    With `options.simulate` the model (not the base) runs its block linears as W8A8."""
     from quantcli.formats import open_model
 
     with ExitStack() as stack:
@@ -226,7 +229,7 @@ def evaluate(model: Any, text: str, options: PerplexityOptions = PerplexityOptio
             return stack.enter_context(open_model(x)) if isinstance(x, (str, Path)) else x
 
         r = reader(model)
-        m = Model(r, kv_f16=options.kv_f16, act_quant=options.act_quant)
+        m = Model(r, kv_f16=options.kv_f16, act_quant=options.act_quant, simulate=options.simulate)
         b = None
         if base is not None:
             b = Model(reader(base), kv_f16=options.kv_f16, act_quant=options.act_quant)

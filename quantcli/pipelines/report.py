@@ -108,10 +108,40 @@ class EvalOptions:
     ctx: int = 512  # tokens per chunk
     chunks: int | None = None  # at most this many chunks; None: all the text holds
     base: Path | None = None  # a reference model for KL divergence and top-1 agreement
+    simulate: str | None = None  # "w8a8" / "w8a8:token" (dynamic per-token) or "w8a8:tensor" (static)
+
+
+SIMULATIONS = {"w8a8": "token", "w8a8:token": "token", "w8a8:tensor": "tensor"}
+
+
+def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunks: int | None,
+               progress=None):
+    """The W8A8 engine `spec` names, or None. Static per-tensor activation scales come from the
+    maxima of every matmul input on the evaluation text's own chunks (the absmax observer on the
+    unsimulated model, one extra pass over the layers): the best case for static scales."""
+    from quantcli.engine.w8a8 import W8A8
+    from quantcli.errors import UsageError
+
+    if spec is None:
+        return None
+    if spec not in SIMULATIONS:
+        raise UsageError(f"unknown simulation '{spec}'; known: {', '.join(SIMULATIONS)}")
+    if SIMULATIONS[spec] == "token":
+        return W8A8("token")
+    from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
+    from quantcli.engine.model import Model
+    from quantcli.engine.tokenizer import Tokenizer
+
+    tokens = Tokenizer.from_model(reader).encode(text, add_special=True, parse_special=False)
+    run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="act-max"),
+                          [make_observer("absmax")], progress)
+    maxima = run.observers[0].result().inputs
+    return W8A8("tensor", act_max={name: float(v.max()) for name, v in maxima.items()})
 
 
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:
-    """llama-perplexity's perplexity (and KLD vs a base model) through the numpy engine."""
+    """llama-perplexity's perplexity (and KLD vs a base model) through the numpy engine; with
+    `simulate`, of the model as a W8A8 engine runs it (the base stays as it is)."""
     from quantcli.engine.perplexity import PerplexityOptions, evaluate as engine_evaluate
     from quantcli.errors import UsageError
     from quantcli.pipelines.common import read_text
@@ -119,9 +149,11 @@ def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str,
     if opts.ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {opts.ctx}")
     text = read_text(opts.text)
-    r = engine_evaluate(reader, text, PerplexityOptions(ctx=opts.ctx, chunks=opts.chunks),
+    sim = simulation(reader, opts.simulate, text, opts.ctx, opts.chunks, progress)
+    r = engine_evaluate(reader, text, PerplexityOptions(ctx=opts.ctx, chunks=opts.chunks, simulate=sim),
                         base=opts.base, progress=progress)
     return {"text": str(opts.text), "ctx": r.ctx, "chunks": r.chunks, "tokens": r.tokens,
+            "simulate": opts.simulate,
             "perplexity": r.perplexity, "perplexity_error": r.perplexity_error,
             "running": list(r.running), "kld_mean": r.kld_mean, "kld_p99": r.kld_p99,
             "top1_agreement": r.top1_agreement, "base": str(opts.base) if opts.base else None,

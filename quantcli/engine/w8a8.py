@@ -1,0 +1,105 @@
+"""W8A8 fake quantization: the block linears as an int8 engine (vLLM's int8 kernels, SmoothQuant's
+W8A8) computes them, in float32 numpy.
+
+Weights are int8 symmetric per output channel: scale_i = max|W_i·| / 127, q = clamp(rint(W / scale),
+-127, 127). Activations are int8 symmetric too, either per token (dynamic: one scale per row,
+max|x_t·| / 127, as vLLM's `dynamic_scaled_int8_quant`) or per tensor (static: one scale per matmul
+input, max|x| / 127 from calibration maxima, values beyond it clipped, as `static_scaled_int8_quant`).
+Rounding is numpy's rint, half to even, as torch.round (compressed-tensors) and vLLM's
+`float_to_int8_rn` (nearbyint) round. A row (or token) that is all zero gets scale 0 and q = 0.
+The product is dequant(q_x) @ dequant(q_W).T, exact in float32 up to the sum's rounding — an int32
+accumulation times the two scales gives the same values.
+
+    sim = W8A8("tensor", act_max={"blk.0.attn_q.weight": 11.5, ...})   # or W8A8("token")
+    model = Model(reader, simulate=sim)      # every block linear runs W8A8; head and embeddings do not
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quantcli.errors import InputError, UsageError
+
+MODES = ("token", "tensor")
+QMAX = 127  # symmetric int8: -127..127 (-128 unused, as compressed-tensors' symmetric int8)
+
+
+def _scaled(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """clamp(rint(x / scale), -127, 127) as int8; 0 where the scale is 0. scale broadcasts to x."""
+    scale = np.broadcast_to(scale, x.shape)
+    q = np.divide(x, scale, out=np.zeros(x.shape, np.float32), where=scale > 0)
+    np.rint(q, out=q)
+    np.clip(q, -QMAX, QMAX, out=q)
+    return q.astype(np.int8)
+
+
+def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel: w [n_out, n_in] float32 -> q int8 [n_out, n_in], scale float32 [n_out]."""
+    w = np.asarray(w, np.float32)
+    scale = (np.abs(w).max(axis=1) / np.float32(QMAX)).astype(np.float32)  # [n_out]
+    return _scaled(w, scale[:, None]), scale
+
+
+def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic, per row: x [n, k] -> q int8 [n, k], scale float32 [n]."""
+    x = np.asarray(x, np.float32)
+    scale = (np.abs(x).max(axis=-1) / np.float32(QMAX)).astype(np.float32)  # [n]
+    return _scaled(x, scale[..., None]), scale
+
+
+def quantize_per_tensor(x: np.ndarray, act_max: float) -> tuple[np.ndarray, np.float32]:
+    """Static, one scale: x [n, k] and the calibration max|x| -> q int8 [n, k], scale float32."""
+    scale = np.float32(np.float32(act_max) / np.float32(QMAX))
+    return _scaled(np.asarray(x, np.float32), np.array(scale)), scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray | np.float32) -> np.ndarray:
+    """q int8 [n, k] times its scale ([n] per row, or a scalar) -> float32 [n, k]."""
+    scale = np.asarray(scale, np.float32)
+    return q.astype(np.float32) * (scale[..., None] if scale.ndim else scale)
+
+
+def fake_quant_weight(w: np.ndarray) -> np.ndarray:
+    """dequant(q_W): the float32 values an int8 per-channel weight stands for."""
+    return dequantize(*quantize_weight(w))
+
+
+def fake_quant_activations(x: np.ndarray, mode: str, act_max: float | None = None) -> np.ndarray:
+    """dequant(q_x) per token, or per tensor with the calibration maximum `act_max`."""
+    if mode == "token":
+        return dequantize(*quantize_per_token(x))
+    if act_max is None:
+        raise UsageError("per-tensor static activations need the calibration max|x|")
+    return dequantize(*quantize_per_tensor(x, act_max))
+
+
+@dataclass(frozen=True)
+class W8A8:
+    """What `Model(reader, simulate=W8A8(...))` runs the block linears as."""
+
+    mode: str = "token"  # "token": dynamic per-token activation scales; "tensor": static per-tensor
+    act_max: Mapping[str, float] | None = field(default=None, compare=False, repr=False)  # weight name -> max|x|
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown W8A8 activation mode '{self.mode}'; known: {', '.join(MODES)}")
+        if self.mode == "tensor" and self.act_max is None:
+            raise UsageError("W8A8 with static per-tensor activations needs act_max (weight name -> max|x|); "
+                             "gather it with the absmax observer, or use mode 'token'")
+
+    def weight(self, w: np.ndarray) -> np.ndarray:
+        """A block linear's weight [n_out, n_in] as the int8 engine holds it (dequantized)."""
+        return fake_quant_weight(w)
+
+    def activations(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The input x [T, n_in] of the matmul with weight `name`, as the int8 engine sees it."""
+        if self.mode == "token":
+            return fake_quant_activations(x, "token")
+        try:
+            amax = self.act_max[name]  # type: ignore[index]
+        except KeyError:
+            raise InputError(f"no calibration max|x| for {name}; the activation maxima are of another model") from None
+        return fake_quant_activations(x, "tensor", float(amax))
