@@ -136,6 +136,7 @@ def observer_names() -> list[str]:
 def _load_observers() -> None:
     import quantcli.calibrate.absmax  # noqa: F401  (registers "absmax")
     import quantcli.calibrate.imatrix  # noqa: F401  (registers "imatrix")
+    import quantcli.calibrate.smooth  # noqa: F401  (registers "smooth")
 
 
 @dataclass(frozen=True)
@@ -284,9 +285,18 @@ def _store(model: Model, chunks: np.ndarray, options: RunOptions, observers: lis
     key = {"kind": options.kind, "model": model_fingerprint(model.reader),
            "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
            "options": {**run_options, "kv_f16": model.kv_f16, "act_quant": model.act_quant,
-                       **_jsonable(extra_key or {})},
+                       "simulate": _simulation_key(model), **_jsonable(extra_key or {})},
            "observers": [o.key() for o in observers], **_versions()}
     return CheckpointStore(options.checkpoint_dir, key, log)
+
+
+def _simulation_key(model: Model) -> dict[str, Any] | None:
+    """How the model's linears are simulated (engine/w8a8.py), with a digest of static maxima."""
+    sim = getattr(model, "simulate", None)
+    if sim is None:
+        return None
+    maxima = sorted((sim.act_max or {}).items())
+    return {"mode": sim.mode, "act_max": hashlib.sha256(repr(maxima).encode()).hexdigest()}
 
 
 def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer],

@@ -1,0 +1,97 @@
+"""SmoothQuant on a real model: simulated W8A8 perplexity without and with smoothing.
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/smooth.py [MODEL.gguf] [--text exodus.txt]
+        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--only token|tensor]
+
+MODEL defaults to $QUANTCLI_MODEL_CACHE/gemma3-270m-f32.gguf (the F32 base of Gemma 3 270M). Rows:
+the float model, then per activation mode (per-tensor static, per-token dynamic) the model without
+smoothing and smoothed with alpha 0.5, 0.8 and auto, on the norm mappings and on all four. The
+scales are calibrated on `--calib` (another text than the one scored; pass the eval text to
+calibrate on it); `auto` searches alpha per layer with the row's activation mode. Static
+per-tensor activation scales come from the evaluated model's own maxima on the eval text's chunks,
+as `quantcli report --simulate w8a8:tensor` computes them. Each evaluation is
+`quantcli.pipelines.report.evaluate` (llama-perplexity's method: ctx, second half scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantcli.calibrate.runner import RunOptions  # noqa: E402
+from quantcli.calibrate.smooth import SmoothedReader, smooth_model  # noqa: E402
+from quantcli.engine.model import Model  # noqa: E402
+from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
+from quantcli.formats import open_model  # noqa: E402
+from quantcli.pipelines.report import EvalOptions, evaluate  # noqa: E402
+
+TEXTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "text"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache = Path(os.environ.get("QUANTCLI_MODEL_CACHE", "/tmp/qc/models"))
+    ap.add_argument("model", type=Path, nargs="?", default=cache / "gemma3-270m-f32.gguf")
+    ap.add_argument("--text", type=Path, default=TEXTS / "exodus.txt")
+    ap.add_argument("--calib", type=Path, default=TEXTS / "genesis.txt")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--calib-chunks", type=int, default=8)
+    ap.add_argument("--only", choices=("tensor", "token"), default=None)
+    ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
+    ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
+    args = ap.parse_args()
+    modes = [args.only] if args.only else ["tensor", "token"]
+    alphas = [a if a == "auto" else float(a) for a in args.alphas.split(",")]
+    print(f"model {args.model.name}; eval {args.text.name}, ctx {args.ctx}, {args.chunks} chunks; "
+          f"smoothing calibrated on {args.calib.name}, {args.calib_chunks} chunks", flush=True)
+
+    with open_model(args.model) as reader:
+        calib = Tokenizer.from_model(reader).encode(args.calib.read_text(), add_special=True, parse_special=False)
+        run = RunOptions(ctx=args.ctx, chunks=args.calib_chunks)
+
+        def ppl(r, simulate: str | None) -> float:
+            return evaluate(r, EvalOptions(args.text, args.ctx, args.chunks, simulate=simulate))["perplexity"]
+
+        t0 = time.perf_counter()
+        base = ppl(reader, None)
+        print(f"{'F32':<28} {base:8.4f}   ({time.perf_counter() - t0:.0f} s)", flush=True)
+        smoothed: dict[tuple[str, object], object] = {}
+        rows = []
+        for mode in modes:
+            t0 = time.perf_counter()
+            p = ppl(reader, f"w8a8:{mode}")
+            rows.append((mode, "none", "-", p, ""))
+            print(f"{'W8A8 ' + mode + ', no smoothing':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+            for maps in args.mappings.split(","):
+                for alpha in alphas:
+                    t0 = time.perf_counter()
+                    key = (maps, alpha if alpha != "auto" else f"auto-{mode}")
+                    if key not in smoothed:
+                        smoothed[key] = smooth_model(Model(reader), calib, run, alpha=alpha, mappings=maps,
+                                                     activations=mode)
+                    res = smoothed[key]
+                    p = ppl(SmoothedReader(reader, res), f"w8a8:{mode}")
+                    chosen = " ".join(f"{l.alpha:.2f}" for l in res.layers.values()) if alpha == "auto" else ""
+                    rows.append((mode, maps, alpha, p, chosen))
+                    print(f"{f'W8A8 {mode}, {maps}, a={alpha}':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
+                          f"({time.perf_counter() - t0:.0f} s) {chosen}", flush=True)
+
+    print(f"\n| activations | mappings | alpha | perplexity | vs F32 ({base:.4f}) |")
+    print("|---|---|---|---|---|")
+    for mode, maps, alpha, p, _ in rows:
+        print(f"| {'per-tensor static' if mode == 'tensor' else 'per-token'} | {maps} | {alpha} | "
+              f"{p:.4f} | {100 * (p / base - 1):+.2f} % |")
+    for mode, maps, alpha, _, chosen in rows:
+        if chosen:
+            print(f"auto alpha per layer ({mode}, {maps}): {chosen}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights by an exact transform.
+
+For an input X shared by linears W_1..W_n (X @ W_k.T), per input channel j
+
+    s_j = max|X_j|^a / max_k max_i |W_k[i, j]|^(1-a)          # a: the migration strength alpha
+
+and X·diag(s)^-1 is folded into what makes X (the RMSNorm weight before it, or the rows and bias
+of the linear that outputs it), diag(s)·W_k into every W_k's columns: the product is unchanged, the
+activations' channels are flatter (easier int8 per-tensor / per-token), the weights a little less
+so (int8 per output channel copes). s is clamped to >= 1e-5; a channel whose activation or weight
+maximum is 0 (or not finite) keeps s = 1.
+
+Mappings (MAPPINGS, per architecture): attn_norm -> attn_q/k/v and ffn_norm -> ffn_gate/ffn_up
+(Gemma 3's pre-feed-forward norm is `ffn_norm`; `post_attention_norm` normalises the attention
+*output* and feeds nothing); with mappings="all" also attn_v -> attn_output and ffn_up -> ffn_down.
+attn_v -> attn_output goes through attention: output channel (q head h, d) is a softmax-weighted
+sum of v channel (h // group, d), so one scale per v channel serves every q head of its group (its
+activation and weight maxima are taken over the group's attn_output columns). ffn_up -> ffn_down
+goes through act(gate) * up, which is linear in up.
+
+    obs = SmoothObserver(alpha="auto", mappings="all")          # or make_observer("smooth", ...)
+    run_calibration(model, tokens, RunOptions(ctx=512, chunks=128), [obs])
+    result = obs.result()                                          # SmoothResult: per layer a, s, maxima
+    for name, w in smoothed_tensors(reader, result): ...           # the smoothed model, tensor by tensor
+    Model(SmoothedReader(reader, result))                          # ... or as a reader, to evaluate it
+
+alpha="auto" searches a grid 0, 0.05, ..., 1 per layer for the smallest simulated W8A8 error of
+the layer's smoothed linears, sum over linears of ||dq(q(X/s)) @ dq(q(W·s)).T - X @ W.T||^2 /
+||X @ W.T||^2, on at most `max_rows` rows of each input (evenly spaced over all tokens of the
+chunks, BOS rows included; a mean of per-token ratios instead chose higher alphas and measured
+worse on Gemma 3 270M, see bench/smooth.py). Static per-tensor
+activation scales in that search come from the full calibration maxima divided by s. One alpha
+serves a whole layer (all its mappings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from quantcli.calibrate.runner import Observer, Probe, RunOptions, run_calibration
+from quantcli.engine.model import Model
+from quantcli.engine.w8a8 import MODES, fake_quant_activations, fake_quant_weight
+from quantcli.errors import InputError, UsageError
+from quantcli.formats.base import ModelReader
+from quantcli.progress import ProgressFn
+
+S_MIN = 1e-5  # smallest scale (SmoothQuant's clamp)
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """X, made by `source`, read by `consumers`: X / s folds into source, s into consumers' columns."""
+
+    name: str
+    source: str  # short name: a norm (weight / s) or a linear (rows / s, bias / s)
+    consumers: tuple[str, ...]  # linears reading X; the first one's input is what is measured
+    optional: bool = False  # only with mappings="all"
+    heads: bool = False  # attn_v -> attn_output: one scale per v channel, shared by its q-head group
+
+
+_NORM_MAPPINGS = (
+    Mapping("attn_norm->qkv", "attn_norm", ("attn_q", "attn_k", "attn_v")),
+    Mapping("ffn_norm->gate_up", "ffn_norm", ("ffn_gate", "ffn_up")),  # gemma3: the pre-ffw norm
+    Mapping("attn_v->attn_output", "attn_v", ("attn_output",), optional=True, heads=True),
+    Mapping("ffn_up->ffn_down", "ffn_up", ("ffn_down",), optional=True),
+)
+# the same short names in all four: llama.cpp's GGUF names the pre-attention and pre-feed-forward
+# norms attn_norm and ffn_norm everywhere (gemma3's post norms are on the branch outputs)
+MAPPINGS: dict[str, tuple[Mapping, ...]] = {arch: _NORM_MAPPINGS for arch in ("llama", "qwen2", "qwen3", "gemma3")}
+MAPPING_SETS = ("norm", "all")
+
+
+def mappings_for(arch: str, which: str = "norm") -> tuple[Mapping, ...]:
+    if which not in MAPPING_SETS:
+        raise UsageError(f"unknown mappings '{which}'; known: {', '.join(MAPPING_SETS)}")
+    if arch not in MAPPINGS:
+        raise InputError(f"SmoothQuant knows no norm -> linear mappings for architecture '{arch}'; "
+                         f"known: {', '.join(sorted(MAPPINGS))}")
+    return tuple(m for m in MAPPINGS[arch] if which == "all" or not m.optional)
+
+
+def check_alpha(alpha: Any) -> float | str:
+    """alpha as a float in [0, 1], or "auto"; anything else is a usage error."""
+    if alpha == "auto":
+        return "auto"
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        a = float("nan")
+    if isinstance(alpha, bool) or not 0.0 <= a <= 1.0:
+        raise UsageError(f"alpha {alpha!r} is outside [0, 1]; use a migration strength in [0, 1] or 'auto'")
+    return a
+
+
+def smooth_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^a / max|W_j|^(1-a), clamped to >= 1e-5; 1 where either maximum is 0 or the
+    result is not finite. act_max, weight_max [n] -> float32 [n]."""
+    x = np.asarray(act_max, np.float64)
+    w = np.asarray(weight_max, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
+    ok = (x > 0) & (w > 0) & np.isfinite(s)
+    return np.where(ok, np.maximum(s, S_MIN), 1.0).astype(np.float32)
+
+
+def _group(cfg: Any) -> int:
+    return cfg.n_head // cfg.n_head_kv
+
+
+def expand(m: Mapping, s: np.ndarray, cfg: Any) -> np.ndarray:
+    """A mapping's scales [n] over its consumers' input channels: for attn_v -> attn_output each v
+    channel's scale repeated for the q heads of its group ([n_head_kv * dv] -> [n_head * dv])."""
+    if not m.heads:
+        return s
+    return np.repeat(s.reshape(cfg.n_head_kv, 1, cfg.head_dim_v), _group(cfg), axis=1).reshape(-1)
+
+
+def _per_source_channel(m: Mapping, v: np.ndarray, cfg: Any) -> np.ndarray:
+    """Per consumer input channel [n_in] -> per scale [n]: the max over each v channel's q heads."""
+    if not m.heads:
+        return v
+    return v.reshape(cfg.n_head_kv, _group(cfg), cfg.head_dim_v).max(axis=1).reshape(-1)
+
+
+def fold(short: str, arr: np.ndarray, scales: dict[str, np.ndarray], mappings: tuple[Mapping, ...],
+         cfg: Any) -> np.ndarray:
+    """Tensor `short` (a layer's 'attn_norm', 'attn_v', 'attn_v.bias', ...) with the layer's scales
+    folded in: X / s into the source (norm weight, linear rows and bias), s into consumers'
+    columns. The mappings go in table order, so every caller computes the same float32 values."""
+    out = arr
+    for m in mappings:
+        s = scales.get(m.name)
+        if s is None:
+            continue
+        if short == m.source or short == m.source + ".bias":
+            out = out / (s[:, None] if out.ndim == 2 else s)
+        elif short in m.consumers:
+            out = out * expand(m, s, cfg)[None, :]
+    return out
+
+
+@dataclass
+class LayerSmoothing:
+    """What smoothing did to one layer (the checkpointed state; all arrays float32)."""
+
+    alpha: float
+    scales: dict[str, np.ndarray]  # mapping -> s [n] (attn_v->attn_output: per v channel)
+    act_max: dict[str, np.ndarray]  # measured input -> max|X_j| before smoothing, every input channel
+    error_before: dict[str, float]  # smoothed linear -> simulated W8A8 relative error unsmoothed
+    error_after: dict[str, float]  # ... and smoothed with `alpha`
+    alpha_errors: np.ndarray | None = None  # auto: the layer's total error at each grid alpha
+
+    def act_max_after(self, m: Mapping, cfg: Any) -> np.ndarray:
+        """max|X_j / s_j| of mapping m's input channels after smoothing."""
+        return self.act_max[m.consumers[0]] / expand(m, self.scales[m.name], cfg)
+
+    def outlier_ratio(self, m: Mapping, cfg: Any, after: bool = False) -> float:
+        """max / median of the per-channel maxima of m's input (before or after smoothing)."""
+        v = self.act_max_after(m, cfg) if after else self.act_max[m.consumers[0]]
+        med = float(np.median(v))
+        return float(v.max()) / med if med > 0 else float("inf")
+
+
+@dataclass
+class SmoothResult:
+    arch: str
+    mappings: tuple[Mapping, ...]
+    config: Any  # the model's ModelConfig (heads, dims)
+    alpha: float | str  # as asked: a number or "auto"
+    layers: dict[int, LayerSmoothing] = field(default_factory=dict)
+
+    def fold(self, name: str, arr: np.ndarray) -> np.ndarray:
+        """Tensor `name` (full GGUF name) of the model with the scales folded in (others unchanged)."""
+        parts = name.split(".")
+        if parts[0] != "blk" or len(parts) < 3 or int(parts[1]) not in self.layers:
+            return arr
+        short = parts[2] + (".bias" if parts[-1] == "bias" else "")
+        return fold(short, arr, self.layers[int(parts[1])].scales, self.mappings, self.config)
+
+    def touched(self, name: str) -> bool:
+        """Whether smoothing changes tensor `name`."""
+        parts = name.split(".")
+        if parts[0] != "blk" or len(parts) < 3 or int(parts[1]) not in self.layers:
+            return False
+        short = parts[2] + (".bias" if parts[-1] == "bias" else "")
+        return any(short in (m.source, m.source + ".bias") or short in m.consumers for m in self.mappings)
+
+    def act_max(self) -> dict[str, float]:
+        """max|x| of every matmul input of the smoothed model on the calibration text (weight name
+        -> float), what static per-tensor W8A8 activation scales are made of (scale = max / 127)."""
+        out: dict[str, float] = {}
+        by_input = {m.consumers[0]: m for m in self.mappings}
+        for il, layer in self.layers.items():
+            for measured, v in layer.act_max.items():
+                m = by_input.get(measured)
+                after = layer.act_max_after(m, self.config) if m is not None else v
+                for short in _SHARING[measured]:
+                    out[f"blk.{il}.{short}.weight"] = float(after.max())
+        return out
+
+
+# the block's four distinct matmul inputs, by the first linear that reads each, and who shares it
+_SHARING = {"attn_q": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+            "ffn_gate": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+
+
+class SmoothObserver(Observer, name="smooth"):
+    """Per layer: probe the per-channel input maxima (and, for auto or the error report, a sample
+    of rows), compute s, fold it into the layer's weights before it runs. The runner's hidden
+    states after the layer are those of the smoothed model, equal to the unsmoothed one's up to
+    float32 rounding."""
+
+    def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
+                 activations: str = "tensor", max_rows: int = 2048) -> None:
+        alpha = check_alpha(alpha)
+        if mappings not in MAPPING_SETS:
+            raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
+        if not 0.0 < grid <= 1.0:
+            raise UsageError(f"alpha grid step {grid} must be in (0, 1]")
+        if activations not in MODES:
+            raise UsageError(f"unknown activation mode '{activations}'; known: {', '.join(MODES)}")
+        if max_rows < 1:
+            raise UsageError(f"max_rows must be at least 1, got {max_rows}")
+        super().__init__(alpha=alpha, mappings=mappings, grid=grid, activations=activations, max_rows=max_rows)
+        self.alpha = alpha  # SmoothQuant migration strength, or "auto": a per-layer grid search
+        self.mappings = mappings  # "norm": norm -> linears; "all": also attn_v -> attn_output, ffn_up -> ffn_down
+        self.grid = grid  # step of the auto search's alpha grid over [0, 1]
+        self.activations = activations  # W8A8 activation mode the error is simulated with
+        self.max_rows = max_rows  # rows of each input the error is measured on
+        self.result_: SmoothResult | None = None
+
+    def begin(self, model: Model, chunks: np.ndarray) -> None:
+        cfg = model.config
+        self.result_ = SmoothResult(cfg.arch, mappings_for(cfg.arch, self.mappings), cfg, self.alpha)
+        n = chunks.size
+        rows = np.unique(np.linspace(0, n - 1, min(self.max_rows, n)).round().astype(np.int64))
+        self.rows_ = [rows[(rows >= c * chunks.shape[1]) & (rows < (c + 1) * chunks.shape[1])] - c * chunks.shape[1]
+                      for c in range(chunks.shape[0])]  # sampled positions per chunk
+
+    # -- the layer --------------------------------------------------------------------------------
+    def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
+        res = self.result_
+        assert res is not None, "begin() first"
+        act_max, sample = self._probe(il, probe)
+        w_max = {m.name: _per_source_channel(m, np.max([np.abs(weights[c]).max(axis=0) for c in m.consumers],
+                                                      axis=0), res.config) for m in res.mappings}
+        a_max = {m.name: _per_source_channel(m, act_max[m.consumers[0]], res.config) for m in res.mappings}
+
+        def scales(alpha: float) -> dict[str, np.ndarray]:
+            return {name: smooth_scales(a_max[name], w_max[name], alpha) for name in a_max}
+
+        refs = {c: sample[m.consumers[0]] @ weights[c].T for m in res.mappings for c in m.consumers}
+
+        def errors(s: dict[str, np.ndarray]) -> dict[str, float]:
+            return self._errors(weights, act_max, sample, refs, s)
+
+        before = errors({name: np.ones_like(v) for name, v in a_max.items()})
+        curve = None
+        if self.alpha == "auto":
+            grid = np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
+            curve = np.array([sum(errors(scales(a)).values()) for a in grid])
+            alpha = float(grid[int(np.argmin(curve))])  # the first minimum: the smallest such alpha
+        else:
+            alpha = float(self.alpha)
+        s = scales(alpha)
+        after = errors(s)
+        for short in list(weights):
+            folded = fold(short, weights[short], s, res.mappings, res.config)
+            if folded is not weights[short]:
+                weights[short][...] = folded
+        res.layers[il] = LayerSmoothing(alpha, s, act_max, before, after,
+                                        None if curve is None else curve.astype(np.float32))
+
+    def _probe(self, il: int, probe: Probe) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """One pass of the chunks through the layer: per-channel max|x| of each of the block's four
+        inputs, and the sampled rows of those the mappings smooth."""
+        wanted = {m.consumers[0] for m in self.result_.mappings}
+        act_max: dict[str, np.ndarray] = {}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
+        seen: dict[str, int] = {}
+        prefix = f"blk.{il}."
+
+        def hook(name: str, x: np.ndarray) -> None:
+            short = name[len(prefix):-len(".weight")]
+            if short not in _SHARING:
+                return
+            m = np.abs(x).max(axis=0)
+            act_max[short] = np.maximum(act_max[short], m) if short in act_max else m.astype(np.float32)
+            c = seen.get(short, 0)
+            seen[short] = c + 1
+            if short in wanted:
+                parts[short].append(np.array(x[self.rows_[c]], np.float32))
+
+        probe(hook, None)
+        for short, v in act_max.items():
+            if not np.isfinite(v).all():
+                raise InputError(f"non-finite activations reach blk.{il}.{short}; the model or its weights are broken")
+        return act_max, {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _errors(self, weights: dict[str, np.ndarray], act_max: dict[str, np.ndarray], sample: dict[str, np.ndarray],
+                refs: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> dict[str, float]:
+        """Simulated W8A8 relative error of each consumer, its input X / s and weight W·s:
+        ||dq(q(X')) @ dq(q(W')).T - X @ W.T||^2 / ||X @ W.T||^2 on the sampled rows."""
+        res = self.result_
+        out: dict[str, float] = {}
+        for m in res.mappings:
+            s = expand(m, scales[m.name], res.config)
+            x = sample[m.consumers[0]]
+            xq = fake_quant_activations(x / s, self.activations, float((act_max[m.consumers[0]] / s).max()))
+            for c in m.consumers:
+                ref = refs[c]  # x @ W.T
+                diff = xq @ fake_quant_weight(weights[c] * s[None, :]).T - ref
+                den = float(np.einsum("ij,ij->", ref, ref, dtype=np.float64))
+                out[c] = float(np.einsum("ij,ij->", diff, diff, dtype=np.float64)) / den if den > 0 else 0.0
+        return out
+
+    # -- state --------------------------------------------------------------------------------------
+    def layer_state(self, il: int) -> dict[str, np.ndarray]:
+        layer = self.result_.layers[il]
+        state = {"alpha": np.array(layer.alpha, np.float64)}
+        state.update({f"scale:{k}": v for k, v in layer.scales.items()})
+        state.update({f"act_max:{k}": v for k, v in layer.act_max.items()})
+        state.update({f"error_before:{k}": np.array(v, np.float64) for k, v in layer.error_before.items()})
+        state.update({f"error_after:{k}": np.array(v, np.float64) for k, v in layer.error_after.items()})
+        if layer.alpha_errors is not None:
+            state["alpha_errors"] = layer.alpha_errors
+        return state
+
+    def load_layer_state(self, il: int, state: dict[str, np.ndarray]) -> None:
+        got: dict[str, dict[str, Any]] = {"scale": {}, "act_max": {}, "error_before": {}, "error_after": {}}
+        for key, arr in state.items():
+            kind, _, name = key.partition(":")
+            if kind in got:
+                got[kind][name] = float(arr) if kind.startswith("error") else arr.astype(np.float32)
+        self.result_.layers[il] = LayerSmoothing(float(state["alpha"]), got["scale"], got["act_max"],
+                                                 got["error_before"], got["error_after"], state.get("alpha_errors"))
+
+    def result(self) -> SmoothResult:
+        assert self.result_ is not None, "the observer has not run"
+        return self.result_
+
+
+def smooth_model(model: Model, tokens: np.ndarray | list[int], options: RunOptions = RunOptions(),
+                 progress: ProgressFn | None = None, log: Callable[[str], None] | None = None,
+                 **smooth_options: Any) -> SmoothResult:
+    """Run SmoothQuant's calibration over `tokens` (resumable with options.checkpoint_dir) and
+    return its result; `smoothed_tensors(model.reader, result)` then gives the weights."""
+    obs = SmoothObserver(**smooth_options)
+    if options.kind == RunOptions.kind:
+        options = replace(options, kind="smooth")
+    run_calibration(model, tokens, options, [obs], progress, log)
+    return obs.result()
+
+
+def smoothed_tensors(reader: Any, result: SmoothResult) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of the model in the reader's order as float32, the smoothed ones with their
+    scales folded in (one tensor in memory at a time, for a writer)."""
+    for name in reader.tensors:
+        yield name, result.fold(name, reader.load_f32(name))
+
+
+class SmoothedReader(ModelReader):
+    """The smoothed model as a reader, computed on demand from the source and the scales: the
+    tensors smoothing changes read as F32 (what a writer would store), the rest as stored."""
+
+    def __init__(self, source: ModelReader, result: SmoothResult) -> None:
+        super().__init__(source.path)
+        self.format = source.format
+        self.source, self.result = source, result
+        self.kv = source.kv
+        self.tensors = {}
+        for name, info in source.tensors.items():
+            if result.touched(name) and info.dtype != "F32":
+                info = replace(info, dtype="F32", ggml_type=GGMLQuantizationType.F32, nbytes=4 * info.n_params)
+            self.tensors[name] = info
+
+    def raw(self, name: str) -> np.ndarray:
+        if not self.result.touched(name):
+            return self.source.raw(name)
+        arr = self.result.fold(name, self.source.load_f32(name))
+        return np.ascontiguousarray(arr, "<f4").reshape(-1).view(np.uint8)
