@@ -1,5 +1,5 @@
 """Arrows point one way: cli -> pipelines -> calibrate/plan/profiles/presets -> engine/checkpoint/
-convert -> formats -> codecs -> names/progress/digests -> errors. Every import in quantcli/ (module
+convert -> formats -> codecs -> names/progress/digests/registry -> errors. Every import in quantcli/ (module
 level or inside a function) is checked against these ranks; only cli/ may import typer or rich."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "quantcli"
 
 # rank of each room: a module may import from rooms of its own rank or lower, never higher
 RANKS = {
-    "errors": 0, "progress": 0, "digests": 0, "names": 0,
+    "errors": 0, "progress": 0, "digests": 0, "names": 0, "registry": 0,
     "codecs": 1,
     "formats": 2,
     "engine": 3, "checkpoint": 3, "convert": 3,

@@ -46,6 +46,7 @@ from quantcli.engine.model import Hook, Model
 from quantcli.engine.perplexity import chunk_tokens
 from quantcli.errors import InputError, UsageError
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
+from quantcli.registry import register
 
 _OBSERVERS: dict[str, type["Observer"]] = {}
 
@@ -65,11 +66,8 @@ class Observer:
         super().__init_subclass__(**kwargs)
         if name is None:
             return
-        if name in _OBSERVERS:
-            raise TypeError(f"observer '{name}' is registered twice "
-                            f"({_OBSERVERS[name].__name__} and {cls.__name__})")
+        register(_OBSERVERS, name, cls, "observer")
         cls.name = name
-        _OBSERVERS[name] = cls
 
     def __init__(self, **options: Any) -> None:
         self.options = dict(options)

@@ -26,6 +26,7 @@ import numpy as np
 
 from quantcli.errors import OutputError, UsageError
 from quantcli.formats.atomic import create_temp, describe, publish, start_writeback
+from quantcli.registry import register
 
 _WRITERS: dict[str, type["Writer"]] = {}
 
@@ -69,11 +70,8 @@ class Writer:
         super().__init_subclass__(**kwargs)
         if format is None:
             return
-        if format in _WRITERS:
-            raise TypeError(f"output format '{format}' is registered twice "
-                            f"({_WRITERS[format].__name__} and {cls.__name__})")
+        register(_WRITERS, format, cls, "output format")
         cls.format = format
-        _WRITERS[format] = cls
 
     def __init__(self, path: Path, metadata: dict[str, Any], tensors: list[TensorSpec], *,
                  partial: Path | None = None, alignment: int = 32, durable: bool = True) -> None:
