@@ -41,11 +41,11 @@ class AbsMaxObserver(Observer, name="absmax"):
         self.layer_ = ChannelStats()
 
     def on_input(self, name: str, x: np.ndarray) -> None:
-        _fold(self.layer_.inputs, name, x)
+        fold_max(self.layer_.inputs, name, x)
         self.layer_.rows[name] = self.layer_.rows.get(name, 0) + x.shape[0]
 
     def on_output(self, name: str, y: np.ndarray) -> None:
-        _fold(self.layer_.outputs, name, y)
+        fold_max(self.layer_.outputs, name, y)
 
     def end_layer(self, il: int) -> None:
         self._add(self.layer_)
@@ -75,9 +75,9 @@ class AbsMaxObserver(Observer, name="absmax"):
 
     def _add(self, part: ChannelStats) -> None:
         for name, v in part.inputs.items():
-            _fold(self.total_.inputs, name, v[None, :])
+            fold_max(self.total_.inputs, name, v[None, :])
         for name, v in part.outputs.items():
-            _fold(self.total_.outputs, name, v[None, :])
+            fold_max(self.total_.outputs, name, v[None, :])
         for name, r in part.rows.items():
             self.total_.rows[name] = self.total_.rows.get(name, 0) + r
 
@@ -85,8 +85,8 @@ class AbsMaxObserver(Observer, name="absmax"):
         return self.total_
 
 
-def _fold(into: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:
-    """into[name] = max(into[name], max |x| over rows); x [n, k]."""
+def fold_max(into: dict[str, np.ndarray], name: str, x: np.ndarray) -> None:
+    """into[name] = max(into[name], max |x| over rows) in float32; x [n, k] (non-finite values refused)."""
     m = np.abs(x).max(axis=0).astype(np.float32, copy=False) if x.shape[0] else None
     if m is None:
         return

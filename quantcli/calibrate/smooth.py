@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from quantcli.calibrate.absmax import fold_max
 from quantcli.calibrate.runner import Observer, Probe, RunOptions, run_calibration
 from quantcli.engine.model import Model
 from quantcli.engine.w8a8 import MODES, fake_quant_activations, fake_quant_weight
@@ -279,7 +280,7 @@ class SmoothObserver(Observer, name="smooth"):
         """One pass of the chunks through the layer: per-channel max|x| of each of the block's four
         inputs, and the sampled rows of those the mappings smooth."""
         wanted = {m.consumers[0] for m in self.result_.mappings}
-        act_max: dict[str, np.ndarray] = {}
+        act_max: dict[str, np.ndarray] = {}  # by full weight name while probing
         parts: dict[str, list[np.ndarray]] = {k: [] for k in wanted}
         seen: dict[str, int] = {}
         prefix = f"blk.{il}."
@@ -288,18 +289,15 @@ class SmoothObserver(Observer, name="smooth"):
             short = name[len(prefix):-len(".weight")]
             if short not in _SHARING:
                 return
-            m = np.abs(x).max(axis=0)
-            act_max[short] = np.maximum(act_max[short], m) if short in act_max else m.astype(np.float32)
+            fold_max(act_max, name, x)
             c = seen.get(short, 0)
             seen[short] = c + 1
             if short in wanted:
                 parts[short].append(np.array(x[self.rows_[c]], np.float32))
 
         probe(hook, None)
-        for short, v in act_max.items():
-            if not np.isfinite(v).all():
-                raise InputError(f"non-finite activations reach blk.{il}.{short}; the model or its weights are broken")
-        return act_max, {k: np.concatenate(v) for k, v in parts.items()}
+        return ({name[len(prefix):-len(".weight")]: v for name, v in act_max.items()},
+                {k: np.concatenate(v) for k, v in parts.items()})
 
     def _errors(self, weights: dict[str, np.ndarray], act_max: dict[str, np.ndarray], sample: dict[str, np.ndarray],
                 refs: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> dict[str, float]:
