@@ -69,12 +69,3 @@ def group(name: str) -> str:
         return NORM
     return OTHER
 
-
-def short_name(name: str) -> str:
-    """`blk.3.attn_q.weight` -> `attn_q`; names outside the blocks lose only `.weight`."""
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) >= 3:
-        parts = parts[2:]
-    if parts and parts[-1] == "weight":
-        parts = parts[:-1]
-    return ".".join(parts)

@@ -78,12 +78,6 @@ class Plan:
     def fallbacks(self) -> int:
         return sum(p.fallback for p in self.tensors)
 
-    def reasons(self) -> dict[str, str]:
-        return {p.info.name: p.reason for p in self.tensors}
-
-    def types(self) -> dict[str, str]:
-        return {p.info.name: p.type for p in self.tensors}
-
     def __iter__(self):
         return iter(self.tensors)
 
