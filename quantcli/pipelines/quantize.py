@@ -10,6 +10,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -129,6 +130,7 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
         "preset": run.plan.preset.name, "plan.sha256": run.plan.sha256,
         "profile": profile.name if profile else None,
         "profile.sha256": _file_hash(profile),
+        **run.recipe,
     }))
     return meta
 
@@ -151,8 +153,14 @@ def units_of(plan: Plan | list[PlannedTensor]) -> list[tuple[str, list[PlannedTe
 
 
 def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
-        warn: Callable[[str], None] | None = None) -> QuantizeResult:
-    """plan -> (dry run: stop) -> execute unit by unit -> publish."""
+        warn: Callable[[str], None] | None = None, *, reader: ModelReader | None = None,
+        recipe: dict[str, Any] | None = None) -> QuantizeResult:
+    """plan -> (dry run: stop) -> execute unit by unit -> publish.
+
+    `reader` replaces the model read from opts.input by a transformed view of it (`smooth` passes
+    the smoothed model; opts.input is still what is hashed as the source); `recipe` is that
+    transform's provenance, `quantcli.<key>` entries in the output's metadata, and part of the
+    checkpoint key (a resumed run must have made the same transform)."""
     warnings: list[str] = []
 
     def warn_(msg: str) -> None:
@@ -165,7 +173,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     # starts hashing on a thread now, while the interpreter opens, plans and loads its kernels
     early_hash = (_Background(file_sha256, Path(opts.input))
                   if not opts.dry_run and Path(opts.input).is_file() else None)
-    with open_source(opts.input, warn_) as reader:
+    with (open_source(opts.input, warn_) if reader is None else contextlib.nullcontext(reader)) as reader:
         if not opts.dry_run:
             check_output(opts.output, [opts.input], opts.force)
         imatrix = None
@@ -179,7 +187,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
             return QuantizeResult(output=None, seconds=time.perf_counter() - start,
                                   warnings=warnings, **summary)
         job = _Run(reader, opts, plan, imatrix, progress_or_noop(progress), warn_,
-                   early_hash or _Background(source_sha256, reader))
+                   early_hash or _Background(source_sha256, reader), dict(recipe or {}))
         resumed = _execute(job)
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
@@ -196,6 +204,7 @@ class _Run:
     step: ProgressFn  # progress events
     warn: Callable[[str], None]
     source_hash: "_Background"  # the input's sha256, still being computed
+    recipe: dict[str, Any] = field(default_factory=dict)  # a transform's provenance (quantcli.<key>)
 
     def importance(self, p: PlannedTensor) -> np.ndarray | None:
         return self.imatrix.importance(p.info.name) if self.imatrix is not None and not p.copy else None
@@ -208,7 +217,7 @@ class _Run:
         key = {"input": quick_fingerprint(self.reader), "plan_sha256": self.plan.sha256,
                "quantcli": quantcli.__version__, "gguf": gguf_version(),
                "imatrix_sha256": _file_hash(opts.imatrix), "override_kv": list(opts.override_kv),
-               "profile_sha256": _file_hash(opts.profile)}
+               "profile_sha256": _file_hash(opts.profile), "recipe": _jsonable(self.recipe)}
         checkpoint.ensure_dir(ckpt_dir)
         return checkpoint.CheckpointStore(ckpt_dir, key, self.warn), ckpt_dir
 
@@ -343,3 +352,16 @@ def _file_hash(path: Path | None) -> str | None:
     return file_sha256(Path(path)) if path is not None else None
 
 
+
+
+def _jsonable(value: Any) -> Any:
+    """A recipe's values for the checkpoint key (arrays and KVs as lists and their values)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, KV):
+        return _jsonable(value.value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
