@@ -154,6 +154,16 @@ class LayerSmoothing:
     error_before: dict[str, float]  # smoothed linear -> simulated W8A8 relative error unsmoothed
     error_after: dict[str, float]  # ... and smoothed with `alpha`
     alpha_errors: np.ndarray | None = None  # auto: the layer's total error at each grid alpha
+    weight_max: dict[str, np.ndarray] = field(default_factory=dict)  # mapping -> max_k max_i |W_k[i, j]| before
+
+    def weight_max_after(self, m: Mapping) -> np.ndarray:
+        """max |W[i, j] * s_j| over mapping m's consumers, per scale channel, after smoothing."""
+        return self.weight_max[m.name] * self.scales[m.name]
+
+    def channel_max(self, m: Mapping, cfg: Any) -> np.ndarray:
+        """max|X_j| of mapping m's input per scale channel, before smoothing (for attn_v ->
+        attn_output: per v channel, the max over its group's q heads)."""
+        return _per_source_channel(m, self.act_max[m.consumers[0]], cfg)
 
     def act_max_after(self, m: Mapping, cfg: Any) -> np.ndarray:
         """max|X_j / s_j| of mapping m's input channels after smoothing."""
@@ -274,7 +284,8 @@ class SmoothObserver(Observer, name="smooth"):
             if folded is not weights[short]:
                 weights[short][...] = folded
         res.layers[il] = LayerSmoothing(alpha, s, act_max, before, after,
-                                        None if curve is None else curve.astype(np.float32))
+                                        None if curve is None else curve.astype(np.float32),
+                                        {k: v.astype(np.float32) for k, v in w_max.items()})
 
     def _probe(self, il: int, probe: Probe) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """One pass of the chunks through the layer: per-channel max|x| of each of the block's four
@@ -322,6 +333,7 @@ class SmoothObserver(Observer, name="smooth"):
         state = {"alpha": np.array(layer.alpha, np.float64)}
         state.update({f"scale:{k}": v for k, v in layer.scales.items()})
         state.update({f"act_max:{k}": v for k, v in layer.act_max.items()})
+        state.update({f"weight_max:{k}": v for k, v in layer.weight_max.items()})
         state.update({f"error_before:{k}": np.array(v, np.float64) for k, v in layer.error_before.items()})
         state.update({f"error_after:{k}": np.array(v, np.float64) for k, v in layer.error_after.items()})
         if layer.alpha_errors is not None:
@@ -329,13 +341,15 @@ class SmoothObserver(Observer, name="smooth"):
         return state
 
     def load_layer_state(self, il: int, state: dict[str, np.ndarray]) -> None:
-        got: dict[str, dict[str, Any]] = {"scale": {}, "act_max": {}, "error_before": {}, "error_after": {}}
+        got: dict[str, dict[str, Any]] = {"scale": {}, "act_max": {}, "weight_max": {}, "error_before": {},
+                                          "error_after": {}}
         for key, arr in state.items():
             kind, _, name = key.partition(":")
             if kind in got:
                 got[kind][name] = float(arr) if kind.startswith("error") else arr.astype(np.float32)
         self.result_.layers[il] = LayerSmoothing(float(state["alpha"]), got["scale"], got["act_max"],
-                                                 got["error_before"], got["error_after"], state.get("alpha_errors"))
+                                                 got["error_before"], got["error_after"], state.get("alpha_errors"),
+                                                 got["weight_max"])
 
     def result(self) -> SmoothResult:
         assert self.result_ is not None, "the observer has not run"

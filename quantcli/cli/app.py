@@ -33,7 +33,7 @@ def _root(
     """quantcli: quantize, inspect and verify GGUF models."""
 
 
-from quantcli.cli import dequantize, imatrix, quantize, report, verify, warmup  # noqa: E402,F401  (commands register on import)
+from quantcli.cli import dequantize, imatrix, quantize, report, smooth, verify, warmup  # noqa: E402,F401  (commands register on import)
 
 
 def main() -> None:

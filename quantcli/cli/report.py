@@ -74,7 +74,9 @@ def report(
     base: Optional[Path] = typer.Option(None, "--base", help="Reference model for KL divergence and top-1 agreement."),
     simulate: Optional[str] = typer.Option(None, "--simulate", help="Evaluate as an int8 engine runs it: "
                                            "w8a8[:token|:tensor] (per-token dynamic, or per-tensor static "
-                                           "activation scales from the eval text's maxima)."),
+                                           "activation scales: those a smoothed model records, else "
+                                           "--calib's maxima, else the eval text's)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="w8a8:tensor: text whose maxima give the static scales."),
 ) -> None:
     """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata;
     with --eval-text, perplexity (and KLD against --base)."""
@@ -82,7 +84,9 @@ def report(
         raise UsageError("--base needs --eval-text")
     if simulate is not None and eval_text is None:
         raise UsageError("--simulate needs --eval-text")
-    evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base, simulate) if eval_text else None
+    if calib is not None and simulate != "w8a8:tensor":
+        raise UsageError("--calib gives static activation scales: it needs --simulate w8a8:tensor")
+    evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base, simulate, calib) if eval_text else None
     with progress_bar(as_json or evaluation is None, "evaluate") as progress:
         rep = pipeline.run(file, evaluation, progress)
     if as_json:

@@ -109,16 +109,19 @@ class EvalOptions:
     chunks: int | None = None  # at most this many chunks; None: all the text holds
     base: Path | None = None  # a reference model for KL divergence and top-1 agreement
     simulate: str | None = None  # "w8a8" / "w8a8:token" (dynamic per-token) or "w8a8:tensor" (static)
+    calib: Path | None = None  # w8a8:tensor: the text whose maxima give the static activation scales
 
 
 SIMULATIONS = {"w8a8": "token", "w8a8:token": "token", "w8a8:tensor": "tensor"}
 
 
 def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunks: int | None,
-               progress=None):
-    """The W8A8 engine `spec` names, or None. Static per-tensor activation scales come from the
-    maxima of every matmul input on the evaluation text's own chunks (the absmax observer on the
-    unsimulated model, one extra pass over the layers): the best case for static scales."""
+               progress=None, calib: str | None = None):
+    """The W8A8 engine `spec` names, or None, and where its static scales came from. Static
+    per-tensor activation scales are, in this order: the calibration maxima a smoothed model
+    records (`quantcli smooth` writes them), the maxima of every matmul input on `calib`'s chunks,
+    or on the evaluation text's own chunks (the best case for static scales). Maxima are measured
+    by the absmax observer on the unsimulated model, one extra pass over the layers."""
     from quantcli.engine.w8a8 import W8A8
     from quantcli.errors import UsageError
 
@@ -127,16 +130,23 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     if spec not in SIMULATIONS:
         raise UsageError(f"unknown simulation '{spec}'; known: {', '.join(SIMULATIONS)}")
     if SIMULATIONS[spec] == "token":
-        return W8A8("token")
+        return W8A8("token"), None
+    from quantcli.pipelines.smooth import recorded_input_max
+
+    recorded = recorded_input_max(reader.kv)
+    if recorded is not None:
+        return W8A8("tensor", act_max=recorded), "recorded"
     from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
 
-    tokens = Tokenizer.from_model(reader).encode(text, add_special=True, parse_special=False)
+    tokens = Tokenizer.from_model(reader).encode(calib if calib is not None else text, add_special=True,
+                                                 parse_special=False)
     run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="act-max"),
                           [make_observer("absmax")], progress)
     maxima = run.observers[0].result().inputs
-    return W8A8("tensor", act_max={name: float(v.max()) for name, v in maxima.items()})
+    return (W8A8("tensor", act_max={name: float(v.max()) for name, v in maxima.items()}),
+            "calib" if calib is not None else "eval-text")
 
 
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:
@@ -149,11 +159,12 @@ def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str,
     if opts.ctx < 2:
         raise UsageError(f"--ctx must be at least 2, got {opts.ctx}")
     text = read_text(opts.text)
-    sim = simulation(reader, opts.simulate, text, opts.ctx, opts.chunks, progress)
+    calib = read_text(opts.calib) if opts.calib is not None else None
+    sim, scales_from = simulation(reader, opts.simulate, text, opts.ctx, opts.chunks, progress, calib)
     r = engine_evaluate(reader, text, PerplexityOptions(ctx=opts.ctx, chunks=opts.chunks, simulate=sim),
                         base=opts.base, progress=progress)
     return {"text": str(opts.text), "ctx": r.ctx, "chunks": r.chunks, "tokens": r.tokens,
-            "simulate": opts.simulate,
+            "simulate": opts.simulate, "static_scales_from": scales_from,
             "perplexity": r.perplexity, "perplexity_error": r.perplexity_error,
             "running": list(r.running), "kld_mean": r.kld_mean, "kld_p99": r.kld_p99,
             "top1_agreement": r.top1_agreement, "base": str(opts.base) if opts.base else None,

@@ -1,0 +1,207 @@
+"""`quantcli smooth` through the CLI a user runs: the GGUF it writes computes what the source does,
+records its recipe and calibration maxima, keeps problem layers when asked, resumes from its
+checkpoints, and refuses bad input with one line and nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from quantcli.cli.app import app
+from quantcli.digests import file_sha256
+from quantcli.engine.model import Model, forward
+from quantcli.formats import open_model
+from tests.models import write_model
+
+runner = CliRunner()
+TEXT = "In the beginning God created the heaven and the earth. And the earth was without form. " * 40
+CTX = ["--ctx", "64", "--chunks", "4"]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    return tmp_path, text
+
+
+def smooth(*args: str) -> object:
+    return runner.invoke(app, ["smooth", *args])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_f32_output_computes_the_same_logits_and_records_its_recipe(setup, arch):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", arch, n_layer=2)
+    out = tmp / "s.gguf"
+    res = smooth(str(src), "-o", str(out), "--calib", str(text), *CTX, "--alpha", "0.5", "--mappings", "all",
+                 "--type", "F32", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["schema"] == "quantcli.smooth/1" and summary["alphas"] == [0.5, 0.5]
+    chunks = np.random.default_rng(1).integers(4, 275, (2, 32))
+    chunks[:, 0] = 2
+    with open_model(src) as a, open_model(out) as b:
+        z0 = forward(Model(a, kv_f16=False, act_quant=False), chunks)
+        z1 = forward(Model(b, kv_f16=False, act_quant=False), chunks)
+        tol = (1e-4 if arch == "gemma3" else 3e-6) * np.abs(z0).max()  # gemma's GELU: an fp16 table
+        assert np.abs(z1 - z0).max() < tol
+        assert not np.array_equal(a.load_f32("blk.0.attn_norm.weight"), b.load_f32("blk.0.attn_norm.weight"))
+        np.testing.assert_array_equal(a.load_f32("token_embd.weight"), b.load_f32("token_embd.weight"))
+        kv = b.kv
+        assert kv["quantcli.smooth.alpha"].value == "0.5"
+        assert list(kv["quantcli.smooth.alphas"].value) == [0.5, 0.5]
+        assert [str(s) for s in kv["quantcli.smooth.mappings"].value] == [
+            "attn_norm->qkv", "ffn_norm->gate_up", "attn_v->attn_output", "ffn_up->ffn_down"]
+        assert kv["quantcli.smooth.calibration.sha256"].value == file_sha256(text)
+        assert kv["quantcli.smooth.calibration.chunks"].value == 4
+        names = [str(s) for s in kv["quantcli.smooth.input_max.names"].value]
+        assert len(names) == 14 and "blk.1.ffn_down.weight" in names
+        assert kv["quantcli.source.sha256"].value == file_sha256(src)
+
+
+def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "qwen3", n_layer=2)
+    out, scales = tmp / "s.gguf", tmp / "scales.json"
+    res = smooth(str(src), "-o", str(out), "--calib", str(text), *CTX, "--alpha", "auto",
+                 "--activations", "static", "--scales-out", str(scales))
+    assert res.exit_code == 0, res.output
+    with open_model(out) as r:
+        assert r.tensors["blk.0.attn_q.weight"].dtype == "Q8_0"
+        assert r.kv["quantcli.smooth.activations"].value == "static"
+    doc = json.loads(scales.read_text())
+    assert doc["schema"] == "quantcli.smooth-scales/1" and doc["alpha"] == "auto"
+    assert doc["calibration"]["sha256"] == file_sha256(text)
+    for layer in doc["layers"]:
+        assert 0.0 <= layer["alpha"] <= 1.0 and len(layer["alpha_grid_errors"]) == 21
+        m = layer["mappings"]["attn_norm->qkv"]
+        assert len(m["scales"]) == 64 and m["consumers"][0].endswith("attn_q.weight")
+        np.testing.assert_allclose(np.array(m["act_max_after"]),
+                                   np.array(m["act_max_before"]) / np.array(m["scales"]), rtol=1e-5)
+        np.testing.assert_allclose(np.array(m["weight_max_after"]),
+                                   np.array(m["weight_max_before"]) * np.array(m["scales"]), rtol=1e-5)
+        assert m["outlier_ratio"]["after"] <= m["outlier_ratio"]["before"] + 1e-6
+    ev = runner.invoke(app, ["report", str(out), "--json", "--eval-text", str(text), "--ctx", "64",
+                             "--chunks", "2", "--simulate", "w8a8:tensor"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.stdout)["evaluation"]["static_scales_from"] == "recorded"
+
+
+def test_problem_layers_are_named_and_kept_at_the_asked_type(setup):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=2)
+    out = tmp / "s.gguf"
+    res = smooth(str(src), "-o", str(out), "--calib", str(text), *CTX, "--problem-error", "1e-12",
+                 "--keep-problem-layers", "F16", "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert [p["layer"] for p in summary["problems"]] == [0, 1]
+    assert "--keep-problem-layers F16" in summary["problems"][0]["remedy"]
+    assert "blk.0.attn_q.weight" in summary["kept"] and "blk.1.ffn_up.weight" in summary["kept"]
+    with open_model(out) as r:
+        for name in summary["kept"]:
+            assert r.tensors[name].dtype == "F16"
+        assert r.tensors["blk.0.ffn_down.weight"].dtype == "Q8_0"  # not smoothed with --mappings norm
+        assert len(r.kv["quantcli.smooth.kept"].value) == len(summary["kept"])
+    # without --keep-problem-layers they are only reported, on the terminal too
+    res = smooth(str(src), "-o", str(tmp / "t.gguf"), "--calib", str(text), *CTX, "--problem-error", "1e-12")
+    assert res.exit_code == 0 and "problem layer 0" in res.output and "--alpha auto" in res.output
+
+
+def test_a_rerun_resumes_from_kept_checkpoints_and_writes_the_same_bytes(setup):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "gemma3", n_layer=3)
+    out = tmp / "s.gguf"
+    args = [str(src), "-o", str(out), "--calib", str(text), *CTX, "--alpha", "auto", "--keep-checkpoints", "--json"]
+    first = smooth(*args)
+    assert first.exit_code == 0, first.output
+    data = out.read_bytes()
+    again = smooth(*args, "--force")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["resumed_layers"] == 3
+    assert out.read_bytes() == data
+    assert (tmp / "s.gguf.checkpoints").is_dir()
+    smooth(*args[:-2], "--force")  # without --keep-checkpoints they are removed at the end
+    assert not (tmp / "s.gguf.checkpoints").exists()
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("alpha", 2, "alpha '1.5' is outside [0, 1]"),
+    ("empty", 3, "calib.txt: the calibration text is empty"),
+    ("short", 3, "calib.txt: the calibration text gives"),
+    ("missing", 3, "nothing.txt: no such text file"),
+    ("arch", 3, "SmoothQuant knows no norm -> linear mappings"),
+    ("exists", 4, "already exists"),
+    ("format", 2, "unknown --format"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(setup, case, code, words):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=1)
+    out = tmp / "s.gguf"
+    args = [str(src), "-o", str(out), "--calib", str(text), *CTX]
+    if case == "alpha":
+        args += ["--alpha", "1.5"]
+    elif case == "empty":
+        text.write_text(" \n")
+    elif case == "short":
+        text.write_text("In the beginning")
+    elif case == "missing":
+        args[4] = str(tmp / "nothing.txt")
+    elif case == "arch":
+        src = _rename_arch(src, tmp / "other.gguf", "starcoder2")
+        args[0] = str(src)
+    elif case == "exists":
+        out.write_bytes(b"keep")
+    elif case == "format":
+        args += ["--format", "onnx"]
+    before = sorted(p.name for p in tmp.iterdir())
+    res = smooth(*args)
+    assert res.exit_code == code, res.output
+    assert words in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp.iterdir()) == before  # nothing written, checkpoints included
+    if case == "exists":
+        assert out.read_bytes() == b"keep"
+
+
+def _rename_arch(src: Path, dest: Path, arch: str) -> Path:
+    """A copy of a llama GGUF that says it is another architecture (its keys renamed too)."""
+    import gguf
+
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dest, arch)
+    for field in r.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        name = field.name.replace("llama.", f"{arch}.", 1)
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(name, field.contents(), vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dest
+
+
+def test_plot_is_written_or_refused_before_the_run(setup):
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=2)
+    png = tmp / "maxima.png"
+    res = smooth(str(src), "-o", str(tmp / "s.gguf"), "--calib", str(text), *CTX, "--plot", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert res.exit_code == 2 and "--plot needs matplotlib" in res.output
+        assert not (tmp / "s.gguf").exists()
+        return
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
