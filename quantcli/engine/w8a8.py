@@ -4,7 +4,8 @@ W8A8) computes them, in float32 numpy.
 Weights are int8 symmetric per output channel: scale_i = max|W_i·| / 127, q = clamp(rint(W / scale),
 -127, 127). Activations are int8 symmetric too, either per token (dynamic: one scale per row,
 max|x_t·| / 127, as vLLM's `dynamic_scaled_int8_quant`) or per tensor (static: one scale per matmul
-input, max|x| / 127 from calibration maxima, values beyond it clipped, as `static_scaled_int8_quant`).
+input, max|x| / 127 from calibration maxima, values beyond it clipped to -128..127, as vLLM's
+`static_scaled_int8_quant` clamps them).
 Rounding is numpy's rint, half to even, as torch.round (compressed-tensors) and vLLM's
 `float_to_int8_rn` (nearbyint) round. A row (or token) that is all zero gets scale 0 and q = 0.
 The product is dequant(q_x) @ dequant(q_W).T, exact in float32 up to the sum's rounding — an int32
@@ -27,12 +28,12 @@ MODES = ("token", "tensor")
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, as compressed-tensors' symmetric int8)
 
 
-def _scaled(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """clamp(rint(x / scale), -127, 127) as int8; 0 where the scale is 0. scale broadcasts to x."""
+def _scaled(x: np.ndarray, scale: np.ndarray, lo: int = -QMAX) -> np.ndarray:
+    """clamp(rint(x / scale), lo, 127) as int8; 0 where the scale is 0. scale broadcasts to x."""
     scale = np.broadcast_to(scale, x.shape)
     q = np.divide(x, scale, out=np.zeros(x.shape, np.float32), where=scale > 0)
     np.rint(q, out=q)
-    np.clip(q, -QMAX, QMAX, out=q)
+    np.clip(q, lo, QMAX, out=q)
     return q.astype(np.int8)
 
 
@@ -51,9 +52,10 @@ def quantize_per_token(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_per_tensor(x: np.ndarray, act_max: float) -> tuple[np.ndarray, np.float32]:
-    """Static, one scale: x [n, k] and the calibration max|x| -> q int8 [n, k], scale float32."""
+    """Static, one scale: x [n, k] and the calibration max|x| -> q int8 [n, k], scale float32.
+    Values beyond the scale clip to -128..127 (vLLM's static kernel); within it they are symmetric."""
     scale = np.float32(np.float32(act_max) / np.float32(QMAX))
-    return _scaled(np.asarray(x, np.float32), np.array(scale)), scale
+    return _scaled(np.asarray(x, np.float32), np.array(scale), lo=-QMAX - 1), scale
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray | np.float32) -> np.ndarray:

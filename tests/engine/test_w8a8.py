@@ -21,12 +21,12 @@ from tests.models import write_model
 TEXT = "In the beginning God created the heaven and the earth. " * 60
 
 
-def _reference(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Symmetric int8 the plain way, element by element in float64: round half to even, clamp."""
+def _reference(x: np.ndarray, scale: np.ndarray, lo: float = -127.0) -> np.ndarray:
+    """int8 the plain way, element by element in float64: round half to even, clamp to lo..127."""
     q = np.zeros(x.shape)
     for idx in np.ndindex(x.shape):
         s = float(np.broadcast_to(scale, x.shape)[idx])
-        q[idx] = 0.0 if s == 0 else min(127.0, max(-127.0, round(float(x[idx]) / s)))  # round(): half to even
+        q[idx] = 0.0 if s == 0 else min(127.0, max(lo, round(float(x[idx]) / s)))  # round(): half to even
     return q
 
 
@@ -66,11 +66,11 @@ def test_activations_per_token_and_per_tensor():
     assert np.array_equal(scale, (np.abs(x).max(axis=1) / np.float32(127)).astype(np.float32))
     assert np.array_equal(q, _reference(x, scale[:, None]).astype(np.int8))
     assert q[2].tolist() == [0] * 32 and scale[2] == 0
-    # static: one scale from the calibration max; values beyond it clip to +-127
+    # static: one scale from the calibration max; values beyond it clip to -128..127 (vLLM's kernel)
     qt, st = quantize_per_tensor(x, 10.0)
     assert st == np.float32(np.float32(10.0) / np.float32(127))
-    assert np.array_equal(qt, _reference(x, np.float32(st)).astype(np.int8))
-    assert np.abs(qt[4]).max() == 127 and (np.abs(x[4]) > 10).any()
+    assert np.array_equal(qt, _reference(x, np.float32(st), lo=-128.0).astype(np.int8))
+    assert qt[4].max() == 127 and qt[4].min() == -128 and (x[4] > 10).any() and (x[4] < -10.1).any()
     assert np.array_equal(fake_quant_activations(x, "tensor", 10.0), dequantize(qt, st))
     assert np.array_equal(fake_quant_activations(x, "token"), dequantize(q, scale))
     # per-token error is at most half a step per element
