@@ -126,7 +126,7 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     from quantcli.errors import UsageError
 
     if spec is None:
-        return None
+        return None, None
     if spec not in SIMULATIONS:
         raise UsageError(f"unknown simulation '{spec}'; known: {', '.join(SIMULATIONS)}")
     if SIMULATIONS[spec] == "token":
