@@ -50,7 +50,25 @@ from quantcli.registry import register
 
 _OBSERVERS: dict[str, type["Observer"]] = {}
 
-Probe = Callable[[Hook | None, Callable[[str, np.ndarray], None] | None], None]
+
+
+class Probe:
+    """What `prepare_layer` gets for layer il: `probe(hook, on_output)` runs every chunk through
+    the layer with its weights as they are now, without moving the hidden states on;
+    `probe.input(c)` is chunk c's input to the layer [ctx, n_embd] (the residual stream after
+    layer il - 1, or the embeddings), also on a resumed run."""
+
+    def __init__(self, model: Model, il: int, weights: dict[str, np.ndarray], hidden: np.ndarray) -> None:
+        self.model, self.il, self.weights, self._hidden = model, il, weights, hidden
+        self.n_chunks = hidden.shape[0]
+
+    def __call__(self, hook: Hook | None = None, out_hook: Callable[[str, np.ndarray], None] | None = None) -> None:
+        for c in range(self.n_chunks):
+            self.model.layer(self.il, self.weights, self.input(c), hook, out_hook)
+
+    def input(self, c: int) -> np.ndarray:
+        return np.asarray(self._hidden[c])
+
 
 
 class Observer:
@@ -225,12 +243,7 @@ def run_calibration(model: Model, tokens: np.ndarray | list[int], options: RunOp
     residual = [o for o in observers if o.wants_residual]
     for il in range(start, cfg.n_layer):
         w = model.layer_weights(il)
-
-        def probe(hook: Hook | None = None, out_hook: Callable[[str, np.ndarray], None] | None = None,
-                  il: int = il, w: dict[str, np.ndarray] = w) -> None:
-            for c in range(n_chunks):
-                model.layer(il, w, np.asarray(hidden[c]), hook, out_hook)
-
+        probe = Probe(model, il, w, hidden)
         for o in observers:
             o.prepare_layer(il, w, probe)
         for c in range(n_chunks):
