@@ -55,6 +55,7 @@ def smooth(
     fmt: str = typer.Option("gguf", "--format", help="gguf (through the quantize pipeline) or compressed-tensors (vLLM W8A8)."),
     preset: str = typer.Option("Q8_0", "--type", "-t", help="GGUF preset for the smoothed model."),
     activations: str = typer.Option("dynamic", "--activations", help="int8 activations: dynamic (per token) or static (per tensor)."),
+    static_scales: str = typer.Option("mse", "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max."),
     scales_out: Optional[Path] = typer.Option(None, "--scales-out", help="Per-layer, per-channel scales and maxima as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of per-channel activation maxima before/after (needs matplotlib)."),
     keep_problem_layers: Optional[str] = typer.Option(None, "--keep-problem-layers", help="Type (e.g. F16) for the linears of problem layers."),
@@ -71,7 +72,7 @@ def smooth(
     """SmoothQuant: move activation outliers into the weights (an exact transform) for W8A8 engines."""
     opts = pipeline.SmoothOptions(
         model=model, output=output, calib=calib, alpha=alpha, mappings=mappings, chunks=chunks, ctx=ctx,
-        format=fmt, type=preset, activations=activations, scales_out=scales_out, plot=plot,
+        format=fmt, type=preset, activations=activations, static_scales=static_scales, scales_out=scales_out, plot=plot,
         keep_problem_layers=keep_problem_layers, problem_error=problem_error, tokenizer=tokenizer,
         allow_requantize=allow_requantize, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         threads=threads, force=force)

@@ -58,6 +58,7 @@ class SmoothOptions:
     activations: str = "dynamic"  # what the int8 engine does: per-token dynamic or static per-tensor
     scales_out: Path | None = None  # the per-layer, per-channel report as JSON
     plot: Path | None = None  # a PNG of per-channel activation maxima, before/after, worst layers
+    static_scales: str = "mse"  # static activations: "mse"-clipped maxima, or the plain "max"
     keep_problem_layers: str | None = None  # a type (F16, BF16, F32, Q8_0 ...) for problem linears
     problem_error: float = PROBLEM_ERROR
     allow_requantize: bool = False  # accept an already quantized model (GGUF output)
@@ -111,7 +112,7 @@ class SmoothRunResult:
 
 def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | str:
     """Every option and output checked before the calibration pass: the alpha (float or 'auto')."""
-    from quantcli.calibrate.smooth import MAPPING_SETS, check_alpha
+    from quantcli.calibrate.smooth import MAPPING_SETS, STATIC_SCALES, check_alpha
     from quantcli.presets import get_preset, ggml_type_name
 
     alpha = check_alpha(opts.alpha)
@@ -121,6 +122,8 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError(f"unknown --format '{opts.format}'; known: {', '.join(FORMATS)}")
     if opts.activations not in ACTIVATIONS:
         raise UsageError(f"unknown --activations '{opts.activations}'; known: {', '.join(ACTIVATIONS)}")
+    if opts.static_scales not in STATIC_SCALES:
+        raise UsageError(f"unknown --static-scales '{opts.static_scales}'; known: {', '.join(STATIC_SCALES)}")
     if opts.chunks < 1 or opts.ctx < 1:
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
@@ -200,7 +203,7 @@ def layer_rows(result: Any) -> list[dict[str, Any]]:
     rows = []
     for il, layer in sorted(result.layers.items()):
         rows.append({
-            "layer": il, "alpha": layer.alpha,
+            "layer": il, "alpha": layer.alpha, "alphas": {m.name: layer.alpha_of(m) for m in result.mappings},
             "outlier_ratio": {m.name: {"before": _num(layer.outlier_ratio(m, result.config)),
                                        "after": _num(layer.outlier_ratio(m, result.config, after=True))}
                               for m in result.mappings},
@@ -224,6 +227,7 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
                 "source": f"blk.{il}.{m.source}.weight",
                 "consumers": [f"blk.{il}.{c}.weight" for c in m.consumers],
                 "per_head_group": m.heads,
+                "alpha": layer.alpha_of(m),
                 "scales": _floats(layer.scales[m.name]),
                 "act_max_before": _floats(a_before),
                 "act_max_after": _floats(a_before / layer.scales[m.name]),
@@ -232,7 +236,8 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
                 "outlier_ratio": rows[il]["outlier_ratio"][m.name],
             }
         layers.append({"layer": il, "alpha": layer.alpha,
-                       "alpha_grid_errors": None if layer.alpha_errors is None else _floats(layer.alpha_errors),
+                       "alpha_grid_errors": {k: _floats(v) for k, v in layer.alpha_errors.items()} or None,
+                       "static_max": {f"blk.{il}.{k}.weight": _num(v) for k, v in layer.static_max.items()} or None,
                        "mappings": maps, "error": rows[il]["error"]})
     return {"schema": SCALES_SCHEMA, "model": str(opts.model),
             "calibration": {"file": str(opts.calib), "sha256": calib_sha, "ctx": opts.ctx},
@@ -251,9 +256,9 @@ def _num(x: float) -> float | None:
 
 def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept: list[str]) -> dict[str, Any]:
     """The smoothing's provenance as `quantcli.smooth.*` metadata (see the module docstring)."""
-    act_max = result.act_max()
+    act_max, static = result.act_max(), result.static_max()
     names = sorted(act_max)
-    return {
+    meta = {
         "smooth.alpha": str(result.alpha),
         "smooth.alphas": [float(result.layers[il].alpha) for il in sorted(result.layers)],
         "smooth.mappings": [m.name for m in result.mappings],
@@ -267,18 +272,29 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
         "smooth.input_max.names": names,
         "smooth.input_max.values": np.array([act_max[n] for n in names], "<f4"),
     }
+    for m in result.mappings:
+        meta[f"smooth.alphas.{m.name}"] = [float(result.layers[il].alpha_of(m)) for il in sorted(result.layers)]
+    if static:
+        meta["smooth.static_scales"] = opts.static_scales
+        meta["smooth.static_max.names"] = sorted(static)
+        meta["smooth.static_max.values"] = np.array([static[n] for n in sorted(static)], "<f4")
+    return meta
 
 
 def recorded_input_max(kv: dict[str, Any]) -> dict[str, float] | None:
-    """The calibration maxima a smoothed GGUF records (`quantcli.smooth.input_max.*`), or None."""
-    names, values = kv.get("quantcli.smooth.input_max.names"), kv.get("quantcli.smooth.input_max.values")
-    if names is None or values is None:
-        return None
-    names = [str(n) for n in names.value]
-    values = np.asarray(values.value, np.float64).tolist()
-    if len(names) != len(values):
-        raise InputError("quantcli.smooth.input_max: names and values differ in length")
-    return dict(zip(names, values))
+    """The max|x| of each linear's static activation scale that a smoothed GGUF records: its
+    static scales (`quantcli.smooth.static_max.*`, smoothed for static activations), else its
+    calibration maxima (`quantcli.smooth.input_max.*`); None when it records neither."""
+    for key in ("quantcli.smooth.static_max", "quantcli.smooth.input_max"):
+        names, values = kv.get(key + ".names"), kv.get(key + ".values")
+        if names is None or values is None:
+            continue
+        names = [str(n) for n in names.value]
+        values = np.asarray(values.value, np.float64).tolist()
+        if len(names) != len(values):
+            raise InputError(f"{key}: names and values differ in length")
+        return dict(zip(names, values))
+    return None
 
 
 def run(opts: SmoothOptions, progress: ProgressFn | None = None,
@@ -311,7 +327,8 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         run_opts = RunOptions(ctx=opts.ctx, chunks=opts.chunks, checkpoint_dir=ckpt / "calibration",
                               keep_checkpoints=True, kind="smooth")
         t0 = time.perf_counter()
-        obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations])
+        obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
+                             static_scales=opts.static_scales)
         calibration = run_calibration(model, tokens, run_opts, [obs], progress, warn_)
         result = obs.result()
         calibration_seconds = time.perf_counter() - t0
@@ -325,7 +342,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
             linears = [f"blk.{il}.{short}.weight" for il in range(model.config.n_layer) for short in LINEARS
                        if f"blk.{il}.{short}.weight" in reader.tensors]
             nbytes = _write_compressed_tensors(opts, reader, smoothed, meta, [n for n in linears if n not in kept],
-                                               result.act_max(), progress, warn_)
+                                               result.static_max() or result.act_max(), progress, warn_)
     doc = scales_json(result, opts, calib_sha, problems)
     if opts.scales_out is not None:
         try:
@@ -369,7 +386,7 @@ def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, m
     from quantcli.pipelines.compressed_tensors import write_compressed_tensors
 
     header = {"quantcli.smooth": json.dumps({k[len("smooth."):]: _plain(v) for k, v in meta.items()
-                                             if not k.startswith("smooth.input_max")})}
+                                             if not k.startswith(("smooth.input_max", "smooth.static_max"))})}
     header.update({k: str(v) for k, v in provenance(reader, source_sha256(reader)).items()})
     model = Path(opts.model)
     tokenizer = opts.tokenizer or (model if model.is_dir() else None)

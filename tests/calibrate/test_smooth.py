@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
-from quantcli.calibrate.smooth import (MAPPINGS, LayerSmoothing, SmoothedReader, SmoothObserver, SmoothResult,
+from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, LayerSmoothing, SmoothedReader, SmoothObserver, SmoothResult,
                                        expand, mappings_for, smooth_model, smooth_scales, smoothed_tensors)
 from quantcli.engine.model import Model, forward
 from quantcli.engine.w8a8 import fake_quant_activations, fake_quant_weight
@@ -158,34 +158,75 @@ def test_smoothing_flattens_outliers_and_lowers_the_simulated_error(tmp_path):
         assert maxima[name] == pytest.approx(float(v.max()), rel=1e-5), name
 
 
-def test_auto_alpha_picks_the_minimum_of_its_grid(tmp_path):
+def test_auto_alpha_per_token_picks_each_mappings_minimum(tmp_path):
+    path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
+    opts = dict(mappings="all", max_rows=10_000, activations="token")
+    with open_model(path) as r:
+        out = _with_outliers(r)
+        m = Model(out)
+        auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", **opts)
+        fixed = {a: smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=a, **opts) for a in (0.0, 0.25, 0.5, 1.0)}
+    grid = np.round(np.arange(0, 1.0001, 0.05), 6)
+    for il, layer in auto.layers.items():
+        assert sorted(layer.alpha_errors) == sorted(mp.name for mp in auto.mappings)
+        for mp in auto.mappings:
+            curve = layer.alpha_errors[mp.name]
+            assert curve.shape == (21,) and layer.alphas[mp.name] == grid[int(np.argmin(curve))]
+            got = sum(layer.error_after[c] for c in mp.consumers)
+            assert got == pytest.approx(float(curve.min()), rel=1e-5)
+    assert len({v for layer in auto.layers.values() for v in layer.alphas.values()}) > 1
+    # layer 0 sees the same inputs in every run: each curve is the fixed-alpha runs' errors
+    for a, res in fixed.items():
+        for mp in auto.mappings:
+            want = sum(res.layers[0].error_after[c] for c in mp.consumers)
+            assert auto.layers[0].alpha_errors[mp.name][int(round(a / 0.05))] == pytest.approx(want, rel=1e-5)
+        assert res.layers[0].error_before == pytest.approx(auto.layers[0].error_before, rel=1e-6)
+
+
+def test_auto_alpha_static_picks_the_blocks_minimum(tmp_path):
+    path = write_model(tmp_path / "m.gguf", "gemma3", n_layer=2)
+    with open_model(path) as r:
+        out = _with_outliers(r)
+        m = Model(out)
+        auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations="tensor",
+                            search_chunks=2)
+        chosen = auto.layers[0].alpha
+        again = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=chosen, mappings="all", activations="tensor")
+    grid = np.round(np.arange(0, 1.0001, 0.05), 6)
+    for layer in auto.layers.values():
+        curve = layer.alpha_errors["block"]
+        assert curve.shape == (21,) and layer.alpha == grid[int(np.argmin(curve))]
+        assert set(layer.alphas.values()) == {layer.alpha} and curve.max() > curve.min()
+    for key, v in again.layers[0].scales.items():  # the fixed run with the chosen alpha: the same scales
+        assert np.array_equal(v, auto.layers[0].scales[key]), key
+
+
+def test_simulated_error_and_static_scales_from_scratch(tmp_path):
+    """ffn_down's error at alpha 0.5 with static per-tensor activations, recomputed by hand, with
+    the plain maximum and with the MSE clip (the candidate of least squared error)."""
     path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
-        auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", max_rows=10_000)
-        fixed = {a: smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=a, mappings="all", max_rows=10_000)
-                 for a in (0.0, 0.25, 0.5, 1.0)}
+        res = {k: smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", max_rows=10_000,
+                               static_scales=k) for k in ("max", "mse")}
         x = _inputs(m, 0, tokens(), 6)  # every row: max_rows covers all 192
         w = m.layer_weights(0)
-    grid = np.round(np.arange(0, 1.0001, 0.05), 6)
-    for il, layer in auto.layers.items():
-        assert layer.alpha_errors.shape == (21,)
-        assert layer.alpha == grid[int(np.argmin(layer.alpha_errors))]
-        assert sum(layer.error_after.values()) == pytest.approx(float(layer.alpha_errors.min()), rel=1e-5)
-    # layer 0 sees the same inputs in every run: the curve is the fixed-alpha runs' errors
-    curve = auto.layers[0].alpha_errors
-    for a, res in fixed.items():
-        assert curve[int(round(a / 0.05))] == pytest.approx(sum(res.layers[0].error_after.values()), rel=1e-5)
-        assert res.layers[0].error_before == pytest.approx(auto.layers[0].error_before, rel=1e-6)
-    assert auto.alpha == "auto" and curve.max() > 2 * curve.min()
-    # the error itself, from scratch, for ffn_down at alpha 0.5 with static per-tensor activations
-    s = fixed[0.5].layers[0].scales["ffn_up->ffn_down"]
+    s = res["max"].layers[0].scales["ffn_up->ffn_down"]
     xs = x["ffn_down"] / s
     ref = x["ffn_down"] @ w["ffn_down"].T
-    y = fake_quant_activations(xs, "tensor", float(np.abs(xs).max())) @ fake_quant_weight(w["ffn_down"] * s).T
-    want = float(((y - ref).astype(np.float64) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
-    assert fixed[0.5].layers[0].error_after["ffn_down"] == pytest.approx(want, rel=1e-4)
+    for kind, amax in (("max", float(np.abs(xs).max())), ("mse", None)):
+        if amax is None:
+            errs = [float(((fake_quant_activations(xs, "tensor", float(np.float32(np.abs(xs).max()) * r)) - xs)
+                           .astype(np.float64) ** 2).sum()) for r in CLIP_RATIOS]
+            amax = float(np.float32(np.abs(xs).max()) * CLIP_RATIOS[int(np.argmin(errs))])
+            assert amax < float(np.abs(xs).max())  # the outliers are clipped
+        layer = res[kind].layers[0]
+        assert layer.static_max["ffn_down"] == pytest.approx(amax, rel=1e-6)
+        assert res[kind].static_max()["blk.0.ffn_down.weight"] == layer.static_max["ffn_down"]
+        y = fake_quant_activations(xs, "tensor", amax) @ fake_quant_weight(w["ffn_down"] * s).T
+        want = float(((y - ref).astype(np.float64) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
+        assert layer.error_after["ffn_down"] == pytest.approx(want, rel=1e-4)
 
 
 def test_rows_are_subsampled_to_max_rows(tmp_path):
@@ -229,7 +270,10 @@ def test_resume_after_an_interruption_gives_identical_scales(tmp_path):
         for il in range(4):
             a, b = clean.layers[il], resumed.layers[il]
             assert a.alpha == b.alpha and a.error_before == b.error_before and a.error_after == b.error_after
-            assert np.array_equal(a.alpha_errors, b.alpha_errors)
+            assert a.alphas == b.alphas and a.static_max == b.static_max
+            assert sorted(a.alpha_errors) == sorted(b.alpha_errors)
+            for key in a.alpha_errors:
+                assert np.array_equal(a.alpha_errors[key], b.alpha_errors[key])
             for key in a.scales:
                 assert np.array_equal(a.scales[key], b.scales[key]), (il, key)
             for key in a.act_max:

@@ -78,7 +78,11 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
     assert doc["schema"] == "quantcli.smooth-scales/1" and doc["alpha"] == "auto"
     assert doc["calibration"]["sha256"] == file_sha256(text)
     for layer in doc["layers"]:
-        assert 0.0 <= layer["alpha"] <= 1.0 and len(layer["alpha_grid_errors"]) == 21
+        # static activations: one alpha per layer from the whole block's simulated error
+        assert 0.0 <= layer["alpha"] <= 1.0 and len(layer["alpha_grid_errors"]["block"]) == 21
+        assert {m["alpha"] for m in layer["mappings"].values()} == {layer["alpha"]}
+        assert set(layer["static_max"]) == {f"blk.{layer['layer']}.{k}.weight"
+                                            for k in ("attn_q", "attn_output", "ffn_gate", "ffn_down")}
         m = layer["mappings"]["attn_norm->qkv"]
         assert len(m["scales"]) == 64 and m["consumers"][0].endswith("attn_q.weight")
         np.testing.assert_allclose(np.array(m["act_max_after"]),
@@ -86,6 +90,10 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
         np.testing.assert_allclose(np.array(m["weight_max_after"]),
                                    np.array(m["weight_max_before"]) * np.array(m["scales"]), rtol=1e-5)
         assert m["outlier_ratio"]["after"] <= m["outlier_ratio"]["before"] + 1e-6
+    with open_model(out) as r:  # the static scales recorded are the clipped ones of the JSON
+        names = [str(n) for n in r.kv["quantcli.smooth.static_max.names"].value]
+        values = dict(zip(names, r.kv["quantcli.smooth.static_max.values"].value))
+        assert values["blk.1.attn_k.weight"] == pytest.approx(doc["layers"][1]["static_max"]["blk.1.attn_q.weight"])
     ev = runner.invoke(app, ["report", str(out), "--json", "--eval-text", str(text), "--ctx", "64",
                              "--chunks", "2", "--simulate", "w8a8:tensor"])
     assert ev.exit_code == 0, ev.output
