@@ -246,6 +246,37 @@ _SHARING = {"attn_q": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_outp
             "ffn_gate": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
 
 
+def sample_rows(chunks: np.ndarray, max_rows: int) -> list[np.ndarray]:
+    """At most max_rows positions evenly spaced over all tokens of the chunks [n, ctx], as the
+    positions in each chunk (BOS rows included)."""
+    n, ctx = chunks.shape
+    rows = np.unique(np.linspace(0, n * ctx - 1, min(max_rows, n * ctx)).round().astype(np.int64))
+    return [rows[(rows >= c * ctx) & (rows < (c + 1) * ctx)] - c * ctx for c in range(n)]
+
+
+def probe_inputs(il: int, probe: Probe, rows: list[np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One pass of the chunks through layer il: per-channel max|x| of each of the block's four
+    inputs (by the first linear reading it: attn_q, attn_output, ffn_gate, ffn_down) and their rows
+    at the sampled positions `rows` (per chunk)."""
+    act_max: dict[str, np.ndarray] = {}  # by full weight name while probing
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _SHARING}
+    seen: dict[str, int] = {}
+    prefix = f"blk.{il}."
+
+    def hook(name: str, x: np.ndarray) -> None:
+        short = name[len(prefix):-len(".weight")]
+        if short not in _SHARING:
+            return
+        fold_max(act_max, name, x)
+        c = seen.get(short, 0)
+        seen[short] = c + 1
+        parts[short].append(np.array(x[rows[c]], np.float32))
+
+    probe(hook, None)
+    return ({name[len(prefix):-len(".weight")]: v for name, v in act_max.items()},
+            {k: np.concatenate(v) for k, v in parts.items()})
+
+
 def mse_clip(x: np.ndarray, amax: float) -> float:
     """The static per-tensor max|x| (the int8 scale times 127) among amax * CLIP_RATIOS that
     minimises sum((dq(q(x)) - x)^2) over the rows x (the first such candidate on ties)."""
@@ -296,17 +327,14 @@ class SmoothObserver(Observer, name="smooth"):
         cfg = model.config
         self.model_ = model
         self.result_ = SmoothResult(cfg.arch, mappings_for(cfg.arch, self.mappings), cfg, self.alpha)
-        n = chunks.size
-        rows = np.unique(np.linspace(0, n - 1, min(self.max_rows, n)).round().astype(np.int64))
-        self.rows_ = [rows[(rows >= c * chunks.shape[1]) & (rows < (c + 1) * chunks.shape[1])] - c * chunks.shape[1]
-                      for c in range(chunks.shape[0])]  # sampled positions per chunk
+        self.rows_ = sample_rows(chunks, self.max_rows)  # sampled positions per chunk
 
     # -- the layer --------------------------------------------------------------------------------
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
         res = self.result_
         assert res is not None, "begin() first"
         cfg = res.config
-        act_max, sample = self._probe(il, probe)
+        act_max, sample = probe_inputs(il, probe, self.rows_)
         w_max = {m.name: _per_source_channel(m, np.max([np.abs(weights[c]).max(axis=0) for c in m.consumers],
                                                       axis=0), cfg) for m in res.mappings}
         a_max = {m.name: _per_source_channel(m, act_max[m.consumers[0]], cfg) for m in res.mappings}
@@ -344,27 +372,6 @@ class SmoothObserver(Observer, name="smooth"):
         res.layers[il] = LayerSmoothing(float(np.mean(vals)) if len(set(vals)) > 1 else vals[0], s, act_max,
                                         before, after, curves, {k: v.astype(np.float32) for k, v in w_max.items()},
                                         alphas, static or {})
-
-    def _probe(self, il: int, probe: Probe) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """One pass of the chunks through the layer: per-channel max|x| of each of the block's four
-        inputs, and their sampled rows."""
-        act_max: dict[str, np.ndarray] = {}  # by full weight name while probing
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in _SHARING}
-        seen: dict[str, int] = {}
-        prefix = f"blk.{il}."
-
-        def hook(name: str, x: np.ndarray) -> None:
-            short = name[len(prefix):-len(".weight")]
-            if short not in _SHARING:
-                return
-            fold_max(act_max, name, x)
-            c = seen.get(short, 0)
-            seen[short] = c + 1
-            parts[short].append(np.array(x[self.rows_[c]], np.float32))
-
-        probe(hook, None)
-        return ({name[len(prefix):-len(".weight")]: v for name, v in act_max.items()},
-                {k: np.concatenate(v) for k, v in parts.items()})
 
     def _inputs_scale(self, s: dict[str, np.ndarray]) -> dict[str, np.ndarray | float]:
         """Per block input (_SHARING key): what smoothing divides it by (1 where nothing maps it)."""
@@ -464,6 +471,41 @@ class SmoothObserver(Observer, name="smooth"):
     def result(self) -> SmoothResult:
         assert self.result_ is not None, "the observer has not run"
         return self.result_
+
+
+class StaticScaleObserver(Observer, name="static-scales"):
+    """The static per-tensor activation scales of a model as it is (no smoothing): per block linear
+    the max|x| its int8 scale is made of (scale = max / 127), "mse"-clipped as SmoothObserver's or
+    the "max", from the same sampled rows; what `report --simulate w8a8:tensor` uses for a model
+    that records none."""
+
+    def __init__(self, static_scales: str = "mse", max_rows: int = 2048) -> None:
+        if static_scales not in STATIC_SCALES:
+            raise UsageError(f"unknown static scales '{static_scales}'; known: {', '.join(STATIC_SCALES)}")
+        if max_rows < 1:
+            raise UsageError(f"max_rows must be at least 1, got {max_rows}")
+        super().__init__(static_scales=static_scales, max_rows=max_rows)
+        self.static_scales, self.max_rows = static_scales, max_rows
+        self.values_: dict[int, dict[str, float]] = {}
+
+    def begin(self, model: Model, chunks: np.ndarray) -> None:
+        self.rows_ = sample_rows(chunks, self.max_rows)
+
+    def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
+        act_max, sample = probe_inputs(il, probe, self.rows_)
+        self.values_[il] = {inp: (mse_clip(sample[inp], float(v.max())) if self.static_scales == "mse"
+                                  else float(v.max())) for inp, v in act_max.items()}
+
+    def layer_state(self, il: int) -> dict[str, np.ndarray]:
+        return {k: np.array(v, np.float64) for k, v in self.values_[il].items()}
+
+    def load_layer_state(self, il: int, state: dict[str, np.ndarray]) -> None:
+        self.values_[il] = {k: float(v) for k, v in state.items()}
+
+    def result(self) -> dict[str, float]:
+        """weight name -> the max|x| of its input's static scale."""
+        return {f"blk.{il}.{short}.weight": v for il, vals in self.values_.items()
+                for inp, v in vals.items() for short in _SHARING[inp]}
 
 
 def smooth_model(model: Model, tokens: np.ndarray | list[int], options: RunOptions = RunOptions(),

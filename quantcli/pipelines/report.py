@@ -120,8 +120,8 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     """The W8A8 engine `spec` names, or None, and where its static scales came from. Static
     per-tensor activation scales are, in this order: the calibration maxima a smoothed model
     records (`quantcli smooth` writes them), the maxima of every matmul input on `calib`'s chunks,
-    or on the evaluation text's own chunks (the best case for static scales). Maxima are measured
-    by the absmax observer on the unsimulated model, one extra pass over the layers."""
+    or on the evaluation text's own chunks (the best case for static scales). Scales are measured
+    by the static-scales observer on the unsimulated model, one extra pass over the layers."""
     from quantcli.engine.w8a8 import W8A8
     from quantcli.errors import UsageError
 
@@ -142,11 +142,9 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
 
     tokens = Tokenizer.from_model(reader).encode(calib if calib is not None else text, add_special=True,
                                                  parse_special=False)
-    run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="act-max"),
-                          [make_observer("absmax")], progress)
-    maxima = run.observers[0].result().inputs
-    return (W8A8("tensor", act_max={name: float(v.max()) for name, v in maxima.items()}),
-            "calib" if calib is not None else "eval-text")
+    run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="static-scales"),
+                          [make_observer("static-scales")], progress)
+    return W8A8("tensor", act_max=run.observers[0].result()), "calib" if calib is not None else "eval-text"
 
 
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:

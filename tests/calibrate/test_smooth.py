@@ -323,3 +323,22 @@ def test_real_model_perplexity_is_unchanged_by_smoothing(real_f32):
         plain = evaluate(r, text, PerplexityOptions(ctx=512, chunks=2))
         smoothed = evaluate(SmoothedReader(r, res), text, PerplexityOptions(ctx=512, chunks=2))
         assert smoothed.perplexity == pytest.approx(plain.perplexity, rel=5e-4)
+
+
+def test_static_scales_of_an_unsmoothed_model(tmp_path):
+    """The static-scales observer: with "max" the absmax maxima of every block linear's input, with
+    "mse" a clip at or below them (what report --simulate w8a8:tensor uses for a plain model)."""
+    path = write_model(tmp_path / "m.gguf", "qwen2", n_layer=2)
+    with open_model(path) as r:
+        out = _with_outliers(r)
+        got = run_calibration(Model(out), tokens(), RunOptions(ctx=CTX),
+                              [make_observer("static-scales", static_scales=k) for k in ("max",)]
+                              + [make_observer("absmax")])
+        mse = run_calibration(Model(out), tokens(), RunOptions(ctx=CTX), [make_observer("static-scales")])
+    maxima, absmax = got.observers[0].result(), got.observers[1].result().inputs
+    assert sorted(maxima) == sorted(absmax) and len(maxima) == 14
+    for name, v in absmax.items():
+        assert maxima[name] == pytest.approx(float(v.max()), rel=1e-6)
+    clipped = mse.observers[0].result()
+    assert all(clipped[n] <= maxima[n] * (1 + 1e-6) for n in maxima)
+    assert any(clipped[n] < 0.99 * maxima[n] for n in maxima)  # the planted outliers get clipped
