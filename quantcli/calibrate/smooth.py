@@ -56,7 +56,6 @@ from gguf import GGMLQuantizationType
 from quantcli.calibrate.absmax import fold_max
 from quantcli.calibrate.runner import Observer, Probe, RunOptions, run_calibration
 from quantcli.engine.model import LINEARS, Model
-from quantcli.engine.ops import activation_type, quantize_activations
 from quantcli.engine.w8a8 import MODES, W8A8, fake_quant_activations, fake_quant_weight
 from quantcli.errors import InputError, UsageError
 from quantcli.formats.base import ModelReader
@@ -278,15 +277,6 @@ def probe_inputs(il: int, probe: Probe, rows: list[np.ndarray]) -> tuple[dict[st
             {k: np.concatenate(v) for k, v in parts.items()})
 
 
-def _ggml_round(w: np.ndarray, type_name: str) -> np.ndarray:
-    """w [n_out, n_in] as llama.cpp holds it in GGML type `type_name` (decoded to float32)."""
-    from quantcli import codecs
-
-    if type_name == "F32":
-        return w
-    return codecs.dequantize(codecs.quantize(np.ascontiguousarray(w, np.float32), type_name), type_name, w.shape)
-
-
 def mse_clip(x: np.ndarray, amax: float) -> float:
     """The static per-tensor max|x| (the int8 scale times 127) among amax * CLIP_RATIOS that
     minimises sum((dq(q(x)) - x)^2) over the rows x (the first such candidate on ties)."""
@@ -310,7 +300,7 @@ class SmoothObserver(Observer, name="smooth"):
 
     def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
                  activations: str = "tensor", max_rows: int = 2048, static_scales: str = "mse",
-                 search_chunks: int = 1, weight_types: dict[str, str] | None = None) -> None:
+                 search_chunks: int = 1) -> None:
         alpha = check_alpha(alpha)
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
@@ -323,8 +313,7 @@ class SmoothObserver(Observer, name="smooth"):
         if static_scales not in STATIC_SCALES:
             raise UsageError(f"unknown static scales '{static_scales}'; known: {', '.join(STATIC_SCALES)}")
         super().__init__(alpha=alpha, mappings=mappings, grid=grid, activations=activations, max_rows=max_rows,
-                         static_scales=static_scales, search_chunks=search_chunks,
-                         weight_types=dict(sorted(weight_types.items())) if weight_types else None)
+                         static_scales=static_scales, search_chunks=search_chunks)
         self.alpha = alpha  # SmoothQuant migration strength, or "auto": searched (see the module docstring)
         self.mappings = mappings  # "norm": norm -> linears; "all": also attn_v -> attn_output, ffn_up -> ffn_down
         self.grid = grid  # step of the auto search's alpha grid over [0, 1]
@@ -332,10 +321,6 @@ class SmoothObserver(Observer, name="smooth"):
         self.max_rows = max_rows  # rows of each input the errors and static clips are measured on
         self.static_scales = static_scales  # "mse": clipped static scales; "max": the calibration maxima
         self.search_chunks = search_chunks  # chunks the static block search runs
-        # the errors as llama.cpp's CPU kernels make them instead of W8A8: each linear's weight in
-        # its GGML type (weight name -> type, the GGUF's plan), its input rounded to the type's
-        # vec_dot_type (Q8_0 / Q8_K blocks); auto then searches per mapping, identity included
-        self.weight_types = dict(weight_types) if weight_types else None
         self.result_: SmoothResult | None = None
 
     def begin(self, model: Model, chunks: np.ndarray) -> None:
@@ -355,8 +340,7 @@ class SmoothObserver(Observer, name="smooth"):
         a_max = {m.name: _per_source_channel(m, act_max[m.consumers[0]], cfg) for m in res.mappings}
 
         def scales(alphas: dict[str, float]) -> dict[str, np.ndarray]:
-            return {name: (np.ones_like(a_max[name]) if np.isnan(alphas[name]) else
-                           smooth_scales(a_max[name], w_max[name], alphas[name])) for name in a_max}
+            return {name: smooth_scales(a_max[name], w_max[name], alphas[name]) for name in a_max}
 
         def same(a: float) -> dict[str, float]:
             return {name: a for name in a_max}
@@ -366,32 +350,26 @@ class SmoothObserver(Observer, name="smooth"):
         curves: dict[str, np.ndarray] = {}
         if self.alpha != "auto":
             alphas = same(float(self.alpha))
-        elif self.activations == "token" or self.weight_types is not None:
-            errs = [self._errors(weights, sample, refs, scales(same(a)), None, il) for a in grid]
-            if self.weight_types is not None:  # the last candidate: the mapping left as it is
-                errs.append(self._errors(weights, sample, refs, {n: np.ones_like(v) for n, v in a_max.items()},
-                                         None, il))
+        elif self.activations == "token":
+            errs = [self._errors(weights, sample, refs, scales(same(a)), None) for a in grid]
             for m in res.mappings:
                 curves[m.name] = np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
-            # the first minimum; NaN: no alpha beats leaving the mapping as it is
-            alphas = {name: float(grid[int(np.argmin(v))]) if int(np.argmin(v)) < len(grid) else float("nan")
-                      for name, v in curves.items()}
+            alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
         else:
             curves["block"] = np.array([self._block_error(il, weights, probe, act_max, sample, scales(same(a)))
                                         for a in grid], np.float32)
             alphas = same(float(grid[int(np.argmin(curves["block"]))]))
         s = scales(alphas)
         ones = {name: np.ones_like(v) for name, v in a_max.items()}
-        before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones), il)
+        before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones))
         static = self._static(act_max, sample, s)
-        after = self._errors(weights, sample, refs, s, static, il)
+        after = self._errors(weights, sample, refs, s, static)
         for short in list(weights):
             folded = fold(short, weights[short], s, res.mappings, cfg)
             if folded is not weights[short]:
                 weights[short][...] = folded
-        vals = [v for v in alphas.values() if not np.isnan(v)]
-        layer_alpha = float("nan") if not vals else vals[0] if len(set(vals)) == 1 else float(np.mean(vals))
-        res.layers[il] = LayerSmoothing(layer_alpha, s, act_max,
+        vals = list(alphas.values())
+        res.layers[il] = LayerSmoothing(float(np.mean(vals)) if len(set(vals)) > 1 else vals[0], s, act_max,
                                         before, after, curves, {k: v.astype(np.float32) for k, v in w_max.items()},
                                         alphas, static or {})
 
@@ -419,7 +397,7 @@ class SmoothObserver(Observer, name="smooth"):
         return out
 
     def _errors(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray], refs: dict[str, np.ndarray],
-                scales: dict[str, np.ndarray], static: dict[str, float] | None, il: int = 0) -> dict[str, float]:
+                scales: dict[str, np.ndarray], static: dict[str, float] | None) -> dict[str, float]:
         """Simulated W8A8 relative error of each consumer, its input X / s and weight W·s:
         ||dq(q(X')) @ dq(q(W')).T - X @ W.T||^2 / ||X @ W.T||^2 on the sampled rows (static: with
         the scales' max|x| in `static`)."""
@@ -428,16 +406,10 @@ class SmoothObserver(Observer, name="smooth"):
         for m in res.mappings:
             s = expand(m, scales[m.name], res.config)
             inp = m.consumers[0]
-            xs = sample[inp] / s
-            xq = (None if self.weight_types is not None else
-                  fake_quant_activations(xs, self.activations, None if static is None else static[inp]))
+            xq = fake_quant_activations(sample[inp] / s, self.activations, None if static is None else static[inp])
             for c in m.consumers:
                 ref = refs[c]  # x @ W.T
-                if self.weight_types is None:
-                    diff = xq @ fake_quant_weight(weights[c] * s[None, :]).T - ref
-                else:
-                    t = self.weight_types.get(f"blk.{il}.{c}.weight", "F32")
-                    diff = quantize_activations(xs, activation_type(t)) @ _ggml_round(weights[c] * s[None, :], t).T - ref
+                diff = xq @ fake_quant_weight(weights[c] * s[None, :]).T - ref
                 den = float(np.einsum("ij,ij->", ref, ref, dtype=np.float64))
                 out[c] = float(np.einsum("ij,ij->", diff, diff, dtype=np.float64)) / den if den > 0 else 0.0
         return out

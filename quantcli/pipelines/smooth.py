@@ -176,21 +176,6 @@ def calibration_tokens(reader: Any, path: Path, ctx: int) -> np.ndarray:
     return tokens
 
 
-def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
-    """For a GGUF output, each block linear's type in its plan: the errors (and the auto search)
-    are then those of llama.cpp's kernels on that file (None for compressed-tensors: W8A8)."""
-    if opts.format != "gguf":
-        return None
-    from quantcli.engine.model import LINEARS
-    from quantcli.names import layer_of
-    from quantcli.plan import PlanOptions, make_plan
-
-    plan = make_plan(reader, PlanOptions(preset=opts.type, allow_requantize=opts.allow_requantize,
-                                         source=Path(opts.model)), has_imatrix=False)
-    return {p.info.name: p.type for p in plan.tensors
-            if layer_of(p.info.name) is not None and p.info.name.split(".")[2] in LINEARS}
-
-
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
     """The layers where a smoothed linear's simulated W8A8 error stays above `threshold`, with why
     (the outlier ratio left in its input) and what to do about it."""
@@ -343,7 +328,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                               keep_checkpoints=True, kind="smooth")
         t0 = time.perf_counter()
         obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
-                             static_scales=opts.static_scales, weight_types=gguf_types(reader, opts))
+                             static_scales=opts.static_scales)
         calibration = run_calibration(model, tokens, run_opts, [obs], progress, warn_)
         result = obs.result()
         calibration_seconds = time.perf_counter() - t0

@@ -234,9 +234,9 @@ def test_rows_are_subsampled_to_max_rows(tmp_path):
     seen = []
 
     class Spy(SmoothObserver, name="test-smooth-spy"):
-        def _errors(self, weights, sample, refs, scales, static, il=0):
+        def _errors(self, weights, act_max, sample, refs, scales):
             seen.append({k: v.shape[0] for k, v in sample.items()})
-            return super()._errors(weights, sample, refs, scales, static, il)
+            return super()._errors(weights, act_max, sample, refs, scales)
 
     with open_model(path) as r:
         run_calibration(Model(r), tokens(), RunOptions(ctx=CTX), [Spy(alpha=0.5, max_rows=50)])
