@@ -7,10 +7,12 @@ MODEL defaults to $QUANTCLI_MODEL_CACHE/gemma3-270m-f32.gguf (the F32 base of Ge
 the float model, then per activation mode (per-tensor static, per-token dynamic) the model without
 smoothing and smoothed with alpha 0.5, 0.8 and auto, on the norm mappings and on all four. The
 scales are calibrated on `--calib` (another text than the one scored; pass the eval text to
-calibrate on it); `auto` searches alpha per layer with the row's activation mode. Static
-per-tensor activation scales come from the evaluated model's own maxima on the eval text's chunks,
-as `quantcli report --simulate w8a8:tensor` computes them. Each evaluation is
-`quantcli.pipelines.report.evaluate` (llama-perplexity's method: ctx, second half scored).
+calibrate on it); `auto` searches alpha with the row's activation mode. Static per-tensor
+activation scales come from the calibration text too, MSE-clipped (`--static-scales max`: the
+maxima): for a smoothed model those `quantcli smooth` records, for the plain one those the
+static-scales observer gives, which is what `quantcli report --simulate w8a8:tensor --calib TEXT`
+uses. Each evaluation is llama-perplexity's method (ctx, second half scored) through
+`quantcli.engine.perplexity.evaluate`.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantcli.calibrate.runner import RunOptions  # noqa: E402
-from quantcli.calibrate.smooth import SmoothedReader, smooth_model  # noqa: E402
+from quantcli.calibrate.runner import RunOptions, run_calibration  # noqa: E402
+from quantcli.calibrate.smooth import SmoothedReader, StaticScaleObserver, smooth_model  # noqa: E402
 from quantcli.engine.model import Model  # noqa: E402
+from quantcli.engine.perplexity import PerplexityOptions, evaluate  # noqa: E402
 from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
+from quantcli.engine.w8a8 import W8A8  # noqa: E402
 from quantcli.formats import open_model  # noqa: E402
-from quantcli.pipelines.report import EvalOptions, evaluate  # noqa: E402
 
 TEXTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "text"
 
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("tensor", "token"), default=None)
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
+    ap.add_argument("--static-scales", choices=("mse", "max"), default="mse")
     args = ap.parse_args()
     modes = [args.only] if args.only else ["tensor", "token"]
     alphas = [a if a == "auto" else float(a) for a in args.alphas.split(",")]
@@ -55,8 +59,16 @@ def main() -> None:
         calib = Tokenizer.from_model(reader).encode(args.calib.read_text(), add_special=True, parse_special=False)
         run = RunOptions(ctx=args.ctx, chunks=args.calib_chunks)
 
-        def ppl(r, simulate: str | None) -> float:
-            return evaluate(r, EvalOptions(args.text, args.ctx, args.chunks, simulate=simulate))["perplexity"]
+        text = args.text.read_bytes().decode("utf-8")
+
+        def ppl(r, simulate: W8A8 | None) -> float:
+            return evaluate(r, text, PerplexityOptions(ctx=args.ctx, chunks=args.chunks, simulate=simulate)).perplexity
+
+        def engine(mode: str, static: dict[str, float] | None) -> W8A8:
+            return W8A8("token") if mode == "token" else W8A8("tensor", act_max=static)
+
+        plain_static = run_calibration(Model(reader), calib, run,
+                                       [StaticScaleObserver(args.static_scales)]).observers[0].result()
 
         t0 = time.perf_counter()
         base = ppl(reader, None)
@@ -65,7 +77,7 @@ def main() -> None:
         rows = []
         for mode in modes:
             t0 = time.perf_counter()
-            p = ppl(reader, f"w8a8:{mode}")
+            p = ppl(reader, engine(mode, plain_static))
             rows.append((mode, "none", "-", p, ""))
             print(f"{'W8A8 ' + mode + ', no smoothing':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -75,10 +87,12 @@ def main() -> None:
                     key = (maps, alpha if alpha != "auto" else f"auto-{mode}")
                     if key not in smoothed:
                         smoothed[key] = smooth_model(Model(reader), calib, run, alpha=alpha, mappings=maps,
-                                                     activations=mode)
+                                                     activations=mode, static_scales=args.static_scales)
                     res = smoothed[key]
-                    p = ppl(SmoothedReader(reader, res), f"w8a8:{mode}")
-                    chosen = " ".join(f"{l.alpha:.2f}" for l in res.layers.values()) if alpha == "auto" else ""
+                    p = ppl(SmoothedReader(reader, res), engine(mode, res.static_max()))
+                    chosen = " ".join("/".join(f"{layer.alpha_of(m):.2f}" for m in res.mappings)
+                                      if len(set(layer.alphas.values())) > 1 else f"{layer.alpha:.2f}"
+                                      for layer in res.layers.values()) if alpha == "auto" else ""
                     rows.append((mode, maps, alpha, p, chosen))
                     print(f"{f'W8A8 {mode}, {maps}, a={alpha}':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
                           f"({time.perf_counter() - t0:.0f} s) {chosen}", flush=True)
