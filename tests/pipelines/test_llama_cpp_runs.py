@@ -38,3 +38,26 @@ def test_q4_k_m_perplexity_in_llama_cpp(real_f32, tmp_path):
     ref_log = (DATA / "engine" / "ppl-exodus-Q4_K_M.log").read_text()
     want = [float(v) for v in re.findall(r"\[\d+\]([0-9.]+)", ref_log)][:4]
     assert got[:4] == pytest.approx(want, rel=1e-4)
+
+
+def test_smoothed_q8_0_runs_in_llama_cpp(real_f32, tmp_path):
+    """`quantcli smooth` (default alpha 0.5, norm mappings, Q8_0) writes a file llama.cpp loads and
+    runs. Its perplexity there is close to plain Q8_0's, not better: llama.cpp's Q8_0 x Q8_0 blocks
+    of 32 already absorb the outliers SmoothQuant moves (measured: 9.2292 vs 9.2202 on 8 chunks)."""
+    exe = _llama_perplexity()
+    if exe is None:
+        pytest.skip("llama-perplexity not found (set QUANTCLI_LLAMA_BIN)")
+    from quantcli.pipelines import smooth
+
+    out, plain = tmp_path / "smoothed-q8_0.gguf", tmp_path / "q8_0.gguf"
+    smooth.run(smooth.SmoothOptions(real_f32, out, DATA / "engine" / "genesis.txt", chunks=4))
+    qp.run(qp.QuantizeOptions(real_f32, plain, "Q8_0"))
+
+    def ppl(path: Path) -> float:
+        proc = subprocess.run([str(exe), "-m", str(path), "-f", str(DATA / "engine" / "exodus.txt"),
+                               "-c", "512", "--chunks", "4", "-t", "2"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return float(re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr).group(1))
+
+    got, base = ppl(out), ppl(plain)
+    assert abs(got / base - 1) < 0.01, (got, base)
