@@ -306,12 +306,7 @@ def test_real_model_perplexity_is_unchanged_by_smoothing(real_f32):
     from quantcli.engine.perplexity import PerplexityOptions, evaluate
     from quantcli.engine.tokenizer import Tokenizer
 
-    repo = Path(__file__).resolve().parents[2]
-    found = [p for p in (repo / "tests" / "data" / "exodus.txt", repo.parent / "shared" / "reference" / "text" / "exodus.txt")
-             if p.is_file()]
-    if not found:
-        pytest.skip("the Exodus text is not here")
-    text = found[0].read_text()
+    text = (Path(__file__).resolve().parents[1] / "data" / "engine" / "exodus.txt").read_text()
     with open_model(real_f32) as r:
         toks = Tokenizer.from_model(r).encode(text, add_special=True, parse_special=False)
         res = smooth_model(Model(r), toks, RunOptions(ctx=512, chunks=2), alpha=0.8, mappings="all")
