@@ -38,8 +38,10 @@ CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
 FORMATS = ("gguf", "compressed-tensors")
 ACTIVATIONS = {"dynamic": "token", "static": "tensor"}  # --activations -> W8A8 simulation mode
 # a smoothed linear whose simulated W8A8 error ||dY||^2 / ||Y||^2 on the calibration rows stays above
-# this is a problem layer: 0.01 is a relative RMS error of 10 %, where int8 stops being near-lossless
-PROBLEM_ERROR = 0.01
+# this is a problem layer (a relative RMS error of 2.6 %). Set on Gemma 3 270M (static activations,
+# alpha 0.8, all mappings): every ffn_down measured 8.1e-4..4.6e-3, every other linear 0.6e-4..6.0e-4,
+# and ffn_down's input is what costs static W8A8 its perplexity (kept in float: +5.4 % -> +1.0 %)
+PROBLEM_ERROR = 7e-4
 SCALES_SCHEMA = "quantcli.smooth-scales/1"
 SUMMARY_SCHEMA = "quantcli.smooth/1"
 
