@@ -137,7 +137,7 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
     scales = _input_scales(chosen, input_max) if activations == "static" else {}
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise InputError(f"{tokenizer_dir}: no such tokenizer directory")
-    _check_out(out, [Path(reader.path)] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []), force)
+    check_output_dir(out, [Path(reader.path)] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []), force)
 
     config = copy.deepcopy(dict(source_config)) if source_config is not None else hf_config(reader)
     config.pop("quantization_config", None)
@@ -219,7 +219,9 @@ def _input_scales(chosen: set[str], input_max: Mapping[str, float] | None) -> di
     return scales
 
 
-def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
+def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
+    """An output directory's check_output: its parent exists, it is not a file, it holds no
+    input, and an existing one is replaced only with force."""
     if not out.parent.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
     target = out.resolve()

@@ -143,15 +143,9 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
     if opts.format == "gguf":
         check_output(opts.output, inputs, opts.force)
     else:
-        out = Path(opts.output)
-        if not out.parent.is_dir():
-            raise OutputError(f"{out}: directory {out.parent} does not exist")
-        if out.exists() and not opts.force:
-            raise OutputError(f"{out}: already exists", hint="pass --force to overwrite it")
-        if out.exists() and not out.is_dir():
-            raise OutputError(f"{out}: exists and is not a directory")
-        if out.exists() and any(Path(i).resolve().is_relative_to(out.resolve()) for i in inputs):
-            raise OutputError(f"{out}: holds an input; write the output elsewhere")
+        from quantcli.pipelines.compressed_tensors import check_output_dir
+
+        check_output_dir(Path(opts.output), [Path(i) for i in inputs], opts.force)
     for extra in (opts.scales_out, opts.plot):
         if extra is not None:
             check_output(Path(extra), inputs, opts.force)
