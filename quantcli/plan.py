@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType
 from quantcli import presets
 from quantcli.errors import UsageError
 from quantcli.formats.base import TensorInfo
+from quantcli.progress import collect_warnings
 from quantcli.formats.gguf import type_nbytes
 
 
@@ -104,12 +105,7 @@ def make_plan(reader: Any, opts: PlanOptions, *, has_imatrix: bool,
 
     has_imatrix: an importance matrix will be used (some presets choose differently with one);
     imatrix_names: the tensors it covers (None: all of them)."""
-    warnings: list[str] = []
-
-    def warn_(msg: str) -> None:
-        warnings.append(msg)
-        if warn is not None:
-            warn(msg)
+    warnings, warn_ = collect_warnings(warn)
 
     profile = None
     preset_name = opts.preset

@@ -36,6 +36,7 @@ from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_v
                                        source_sha256)
 from quantcli.pipelines.slices import Pipeline, chunk_bytes, read_slice, slices_of, write_slice
 from quantcli.plan import Plan, PlannedTensor, PlanOptions
+from quantcli.progress import collect_warnings
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
 
@@ -161,12 +162,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     the smoothed model; opts.input is still what is hashed as the source); `recipe` is that
     transform's provenance, `quantcli.<key>` entries in the output's metadata, and part of the
     checkpoint key (a resumed run must have made the same transform)."""
-    warnings: list[str] = []
-
-    def warn_(msg: str) -> None:
-        warnings.append(msg)
-        if warn:
-            warn(msg)
+    warnings, warn_ = collect_warnings(warn)
 
     start = time.perf_counter()
     # the full sha256 of a large input takes a while (~0.6 s of a core per GB): a single file

@@ -32,6 +32,7 @@ from quantcli.digests import file_sha256
 from quantcli.errors import InputError, OutputError, UsageError
 from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.pipelines.common import ProgressFn, open_source, read_text
+from quantcli.progress import collect_warnings
 
 DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
@@ -299,12 +300,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
     from quantcli.calibrate.smooth import SmoothedReader, SmoothObserver, mappings_for
     from quantcli.engine.model import Model, LINEARS
 
-    warnings: list[str] = []
-
-    def warn_(msg: str) -> None:
-        warnings.append(msg)
-        if warn:
-            warn(msg)
+    warnings, warn_ = collect_warnings(warn)
 
     start = time.perf_counter()
     alpha = check_options(opts, warn_)
