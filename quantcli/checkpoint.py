@@ -18,6 +18,12 @@ from typing import Any, BinaryIO, Callable, Iterator
 from quantcli.errors import OutputError
 from quantcli.formats.atomic import atomic_write
 
+
+def key_json(value: Any) -> Any:
+    """`value` as a checkpoint key's JSON holds it: tuples as lists, arrays as lists of numbers,
+    anything else JSON cannot take (paths, ...) as its str."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
 MANIFEST = "manifest.json"
 FORMAT = "quantcli.checkpoint/1"
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 import quantcli
-from quantcli.checkpoint import CheckpointStore
+from quantcli.checkpoint import CheckpointStore, key_json
 from quantcli.engine.model import Hook, Model
 from quantcli.engine.perplexity import chunk_tokens
 from quantcli.errors import InputError, UsageError
@@ -131,7 +130,7 @@ class Observer:
 
     def key(self) -> dict[str, Any]:
         """What the checkpoint key records of this observer."""
-        return {"name": self.name, "options": _jsonable(self.options)}
+        return {"name": self.name, "options": key_json(self.options)}
 
 
 def make_observer(name: str, **options: Any) -> Observer:
@@ -296,7 +295,7 @@ def _store(model: Model, chunks: np.ndarray, options: RunOptions, observers: lis
     key = {"kind": options.kind, "model": model_fingerprint(model.reader),
            "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
            "options": {**run_options, "kv_f16": model.kv_f16, "act_quant": model.act_quant,
-                       "simulate": _simulation_key(model), **_jsonable(extra_key or {})},
+                       "simulate": _simulation_key(model), **key_json(extra_key or {})},
            "observers": [o.key() for o in observers], **_versions()}
     return CheckpointStore(options.checkpoint_dir, key, log)
 
@@ -348,6 +347,3 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _jsonable(value: Any) -> Any:
-    """Options as the checkpoint key's JSON holds them (paths and tuples as strings and lists)."""
-    return json.loads(json.dumps(value, default=str))

@@ -213,7 +213,7 @@ class _Run:
         key = {"input": quick_fingerprint(self.reader), "plan_sha256": self.plan.sha256,
                "quantcli": quantcli.__version__, "gguf": gguf_version(),
                "imatrix_sha256": _file_hash(opts.imatrix), "override_kv": list(opts.override_kv),
-               "profile_sha256": _file_hash(opts.profile), "recipe": _jsonable(self.recipe)}
+               "profile_sha256": _file_hash(opts.profile), "recipe": checkpoint.key_json(self.recipe)}
         checkpoint.ensure_dir(ckpt_dir)
         return checkpoint.CheckpointStore(ckpt_dir, key, self.warn), ckpt_dir
 
@@ -346,18 +346,3 @@ def _source_digest(source_hash: _Background, path: Path) -> str:
 
 def _file_hash(path: Path | None) -> str | None:
     return file_sha256(Path(path)) if path is not None else None
-
-
-
-
-def _jsonable(value: Any) -> Any:
-    """A recipe's values for the checkpoint key (arrays and KVs as lists and their values)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, KV):
-        return _jsonable(value.value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
