@@ -210,12 +210,14 @@ def layer_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list[Problem]) -> dict[str, Any]:
+def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list[Problem],
+                layer_table: list[dict[str, Any]]) -> dict[str, Any]:
     """The --scales-out document (schema quantcli.smooth-scales/1, in the README): per layer and
     mapping, the smoothing scales s (activations are divided by s, the consumers' weight columns
-    multiplied by it) and the per-channel maxima of the activations and weights before and after."""
+    multiplied by it) and the per-channel maxima of the activations and weights before and after;
+    `layer_table` is layer_rows(result)."""
     layers = []
-    rows = {r["layer"]: r for r in layer_rows(result)}
+    rows = {r["layer"]: r for r in layer_table}
     for il, layer in sorted(result.layers.items()):
         maps = {}
         for m in result.mappings:
@@ -335,7 +337,8 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                        if f"blk.{il}.{short}.weight" in reader.tensors]
             nbytes = _write_compressed_tensors(opts, reader, smoothed, meta, [n for n in linears if n not in kept],
                                                result.static_max() or result.act_max(), progress, warn_)
-    doc = scales_json(result, opts, calib_sha, problems)
+    rows = layer_rows(result)
+    doc = scales_json(result, opts, calib_sha, problems, rows) if opts.scales_out or opts.plot else None
     if opts.scales_out is not None:
         try:
             with atomic_write(Path(opts.scales_out)) as fh:
@@ -352,7 +355,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         output=Path(opts.output), format=opts.format, alpha=result.alpha,
         alphas=[result.layers[il].alpha for il in sorted(result.layers)],
         mappings=[m.name for m in result.mappings], activations=opts.activations, chunks=n_chunks,
-        tokens=n_chunks * opts.ctx, layers=layer_rows(result), problems=problems, kept=kept, bytes=nbytes,
+        tokens=n_chunks * opts.ctx, layers=rows, problems=problems, kept=kept, bytes=nbytes,
         seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,
         resumed_layers=calibration.resumed_layers, warnings=warnings)
 
