@@ -292,6 +292,24 @@ def mse_clip(x: np.ndarray, amax: float) -> float:
     return best_c
 
 
+def static_maxima(act_max: dict[str, np.ndarray], sample: dict[str, np.ndarray], kind: str,
+                  divisors: dict[str, np.ndarray | float] | None = None, rows: int | None = None) -> dict[str, float]:
+    """Per block input (probe_inputs' keys): the max|x| its static per-tensor scale is made of,
+    the input divided by `divisors` (smoothing; None: as it is): the maximum (kind "max") or the
+    MSE clip (kind "mse") on its sampled rows, at most `rows` of them evenly spaced."""
+    out = {}
+    for inp, v in act_max.items():
+        div = 1.0 if divisors is None else divisors[inp]
+        amax = float((v / div).max())
+        if kind == "mse":
+            x = sample[inp]
+            if rows is not None:
+                x = x[np.linspace(0, len(x) - 1, min(rows, len(x))).astype(int)]
+            amax = mse_clip(x / div, amax)
+        out[inp] = amax
+    return out
+
+
 class SmoothObserver(Observer, name="smooth"):
     """Per layer: probe the per-channel input maxima and a sample of rows, choose alpha and s,
     choose the static scales, fold s into the layer's weights before it runs. The runner's hidden
@@ -382,19 +400,11 @@ class SmoothObserver(Observer, name="smooth"):
 
     def _static(self, act_max: dict[str, np.ndarray], sample: dict[str, np.ndarray], s: dict[str, np.ndarray],
                 rows: int | None = None) -> dict[str, float] | None:
-        """Per block input: the max|x| of its static per-tensor scale after smoothing by s (None for
-        per-token activations): its maximum, or the MSE clip on (the first `rows` of) the samples."""
+        """Per block input: its static scale's max|x| after smoothing by s (None for per-token
+        activations); see static_maxima."""
         if self.activations == "token":
             return None
-        out = {}
-        for inp, div in self._inputs_scale(s).items():
-            amax = float((act_max[inp] / div).max())
-            if self.static_scales == "mse":
-                x = sample[inp] if rows is None else sample[inp][np.linspace(0, len(sample[inp]) - 1,
-                                                                             min(rows, len(sample[inp]))).astype(int)]
-                amax = mse_clip(x / div, amax)
-            out[inp] = amax
-        return out
+        return static_maxima(act_max, sample, self.static_scales, self._inputs_scale(s), rows)
 
     def _errors(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray], refs: dict[str, np.ndarray],
                 scales: dict[str, np.ndarray], static: dict[str, float] | None) -> dict[str, float]:
@@ -493,8 +503,7 @@ class StaticScaleObserver(Observer, name="static-scales"):
 
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
         act_max, sample = probe_inputs(il, probe, self.rows_)
-        self.values_[il] = {inp: (mse_clip(sample[inp], float(v.max())) if self.static_scales == "mse"
-                                  else float(v.max())) for inp, v in act_max.items()}
+        self.values_[il] = static_maxima(act_max, sample, self.static_scales)
 
     def layer_state(self, il: int) -> dict[str, np.ndarray]:
         return {k: np.array(v, np.float64) for k, v in self.values_[il].items()}
