@@ -13,6 +13,8 @@ through layer 0, then layer 1, ... with one layer's weights in memory and the hi
         def prepare_layer(self, il, w, probe): ... # may edit layer il's weights before it runs
         def layer_state(self, il) -> {key: array}  # checkpointed after each layer ...
         def load_layer_state(self, il, state)      # ... and given back on resume
+        def carry_state(self) -> {key: array}      # state that moves on with the hidden states ...
+        def load_carry_state(self, state)          # ... saved and given back with them
         def merge(self, other)                     # statistics of another shard / file
         def result(self)
 
@@ -121,6 +123,15 @@ class Observer:
     def load_layer_state(self, il: int, state: dict[str, np.ndarray]) -> None:
         """Take back what `layer_state(il)` returned (a resumed run)."""
 
+    def carry_state(self) -> dict[str, np.ndarray]:
+        """State that is replaced, not added to, layer by layer (hidden states of the observer's
+        own, such as perturbed copies of the stream): saved with the runner's hidden states after
+        each layer, and given back with them on resume."""
+        return {}
+
+    def load_carry_state(self, state: dict[str, np.ndarray]) -> None:
+        """Take back what `carry_state()` returned after the layer the run resumes from."""
+
     def merge(self, other: "Observer") -> None:
         """Add another run's statistics (another shard of the chunks, or a file) to this one's."""
         raise NotImplementedError(f"observer '{self.name}' cannot merge statistics")
@@ -151,6 +162,7 @@ def observer_names() -> list[str]:
 def _load_observers() -> None:
     import quantcli.calibrate.absmax  # noqa: F401  (registers "absmax")
     import quantcli.calibrate.imatrix  # noqa: F401  (registers "imatrix")
+    import quantcli.calibrate.sensitivity  # noqa: F401  (registers "sensitivity")
     import quantcli.calibrate.smooth  # noqa: F401  (registers "smooth")
 
 
@@ -318,6 +330,11 @@ def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer
         stats = [store.get(f"stats-{il}") for il in range(layer_done + 1)]
         if data["hidden"].shape == hidden.shape and all(p is not None for p in stats):
             hidden[...] = data["hidden"]
+            for o in observers:
+                prefix = f"carry/{o.name}/"
+                carried = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+                if carried:
+                    o.load_carry_state(carried)
             for il, p in enumerate(stats):
                 state = _read_npz(p)
                 for o in observers:
@@ -332,8 +349,9 @@ def _save_layer(store: CheckpointStore, il: int, hidden: np.ndarray, observers: 
     state = {f"{o.name}/{k}": v for o in observers for k, v in o.layer_state(il).items()}
     with store.put(f"stats-{il}") as fh:
         fh.write(_npz(**state))
+    carry = {f"carry/{o.name}/{k}": v for o in observers for k, v in o.carry_state().items()}
     with store.put(f"hidden-{il % 2}") as fh:
-        fh.write(_npz(layer=np.array(il), hidden=np.asarray(hidden)))
+        fh.write(_npz(layer=np.array(il), hidden=np.asarray(hidden), **carry))
 
 
 def _npz(**arrays: np.ndarray) -> bytes:
