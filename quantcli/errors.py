@@ -6,6 +6,7 @@ Exit codes (documented in the README):
     4  I/O: cannot write the output, disk full, output exists
     5  bad numbers: NaN/Inf weights, values a format cannot represent
     6  verification failed
+    7  infeasible target: no mix of the candidate types reaches the size, bpw or KLD asked for
     130 interrupted (Ctrl-C)
 """
 
@@ -54,6 +55,12 @@ class VerificationError(QuantcliError):
     """`verify` found a failed check."""
 
     exit_code = 6
+
+
+class InfeasibleTarget(QuantcliError):
+    """An automatic mix's target that no choice of types reaches."""
+
+    exit_code = 7
 
 
 class Interrupted(QuantcliError):

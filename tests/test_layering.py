@@ -17,7 +17,7 @@ RANKS = {
     "codecs": 1,
     "formats": 2,
     "engine": 3, "checkpoint": 3, "convert": 3,
-    "calibrate": 4, "plan": 4, "profiles": 4, "presets": 4,
+    "calibrate": 4, "plan": 4, "allocate": 4, "profiles": 4, "presets": 4,
     "pipelines": 5,
     "cli": 6, "__main__": 6,
 }
