@@ -48,6 +48,7 @@ class PlannedTensor:
     reason: str
     nbytes: int
     fallback: bool = False
+    estimate: float | None = None  # estimated dKLD of this choice (automatic mixes)
 
     @property
     def copy(self) -> bool:

@@ -12,6 +12,11 @@
     keep:                        # tensors kept as they are in the source (high precision)
       - "token_embd.weight"
     keep_type: F16               # optional: store kept tensors as this type instead of unchanged
+    allocation:                  # written by quantize --save-profile: recorded as quantcli.allocation.*
+      target: size 180MB         # (the automatic mix's target, estimate, measurement, per-tensor
+      estimate_kld: 0.0123       #  estimates in file order), so the profile's file equals the mix's
+      measurement_sha256: 9f...
+      tensor_kld: [0.0, 1.2e-05, ...]
 
 Errors name the file and line and say how to fix it. YAML anchors/aliases are refused (no billion-laughs).
 """
@@ -31,7 +36,8 @@ from quantcli.errors import UsageError
 from quantcli.names import layer_of
 
 MAX_PROFILE_BYTES = 1 << 20
-TOP_KEYS = {"base", "description", "rules", "keep", "keep_type"}
+TOP_KEYS = {"base", "description", "rules", "keep", "keep_type", "allocation"}
+ALLOCATION_KEYS = ("target", "estimate_kld", "measurement_sha256", "tensor_kld")
 RULE_KEYS = {"name", "regex", "layers", "type", "fallback", "note"}
 
 
@@ -114,6 +120,7 @@ class Profile:
     rules: tuple[Rule, ...]
     keep: tuple[str, ...]
     keep_type: str | None
+    allocation: dict[str, Any] | None = None  # quantcli.allocation.* metadata (see the module)
 
     def where(self, line: int) -> str:
         return f"{self.path}:{line}"
@@ -253,7 +260,28 @@ def load(path: Path) -> Profile:
     if "keep_type" in fields:
         node = fields["keep_type"][1]
         keep_type = _check_type(_value(node), f"{path}:{node.start_mark.line + 1}")
-    return Profile(path, base, tuple(rules), tuple(keep), keep_type)
+    allocation = None
+    if "allocation" in fields:
+        allocation = _allocation(fields["allocation"][1], path)
+    return Profile(path, base, tuple(rules), tuple(keep), keep_type, allocation)
+
+
+def _allocation(node: yaml.Node, path: Path) -> dict[str, Any]:
+    """The `allocation` block --save-profile writes, as the metadata values it records."""
+    import numpy as np
+
+    where = f"{path}:{node.start_mark.line + 1}"
+    value = _value(node)
+    if not isinstance(value, dict) or set(value) != set(ALLOCATION_KEYS):
+        raise ProfileError(f"{where}: 'allocation' must have exactly {', '.join(ALLOCATION_KEYS)}",
+                           hint="it is written by quantize --save-profile; remove it to use the rules alone")
+    kld = value["tensor_kld"]
+    if (not isinstance(kld, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in kld)
+            or not isinstance(value["estimate_kld"], (int, float))):
+        raise ProfileError(f"{where}: 'allocation' estimates must be numbers")
+    return {"allocation.target": str(value["target"]), "allocation.estimate_kld": float(value["estimate_kld"]),
+            "allocation.measurement_sha256": str(value["measurement_sha256"]),
+            "allocation.tensor_kld": np.array(kld, np.float32)}
 
 
 def _rule(node: yaml.Node, index: int, path: Path) -> Rule:

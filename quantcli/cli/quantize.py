@@ -25,15 +25,26 @@ def _tensor_type(spec: str) -> tuple[str, str]:
 
 def render_plan(result: pipeline.QuantizeResult) -> None:
     t = Table(title="plan", pad_edge=False)
-    for col, just in (("tensor", "left"), ("from", "left"), ("type", "left"), ("MB", "right"),
-                      ("reason", "left")):
+    estimates = result.allocation is not None
+    cols = [("tensor", "left"), ("from", "left"), ("type", "left"), ("MB", "right")]
+    cols += [("est. dKLD", "right")] if estimates else []
+    for col, just in cols + [("reason", "left")]:
         t.add_column(col, justify=just)
     for p in result.plan:
-        t.add_row(p.info.name, p.info.dtype, p.type, f"{p.nbytes / 1e6:.2f}", escape(p.reason))
+        est = [f"{p.estimate:.2e}" if p.estimate is not None else ""] if estimates else []
+        t.add_row(p.info.name, p.info.dtype, p.type, f"{p.nbytes / 1e6:.2f}", *est, escape(p.reason))
     out.print(t)
     out.print(f"total: {len(result.plan)} tensors, {result.params:,} params, "
               f"{result.bytes / 1e6:.2f} MB, {result.bpw:.3f} bpw, file type {result.file_type}"
               + (f", {result.fallbacks} fallback(s)" if result.fallbacks else ""))
+    if estimates:
+        out.print(_mix_line(result))
+
+
+def _mix_line(result: pipeline.QuantizeResult) -> str:
+    a = result.allocation
+    return (f"automatic mix ({a['target']}): estimated KLD {a['estimated_kld']:.4g}, file "
+            f"{result.file_bytes:,} bytes, nearest preset {a['nearest_preset']}")
 
 
 @app.command()
@@ -56,6 +67,16 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, reason, bytes); write nothing."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where layer checkpoints go (default: OUT.checkpoints)."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
+    target_size: Optional[str] = typer.Option(None, "--target-size", help="Automatic mix: the output file's size (bytes, 180MB, 172MiB, 4.5GB), never exceeded."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="Automatic mix: bits per weight over all tensors."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Automatic mix: the smallest whose estimated mean KLD stays under this."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text for the automatic mix's analysis (and its imatrix, without --imatrix)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Types the automatic mix chooses from, comma-separated (default: IQ1_S ... Q8_0, F16)."),
+    measurement: Optional[Path] = typer.Option(None, "--measurement", help="Sensitivity measurement (JSON): reused when it exists, written by the analysis when not."),
+    save_profile: Optional[Path] = typer.Option(None, "--save-profile", help="Write the automatic mix as a YAML profile (--profile reproduces the file)."),
+    calib_chunks: int = typer.Option(64, "--calib-chunks", help="Chunks of the imatrix computed from --calib."),
+    sensitivity_chunks: int = typer.Option(2, "--sensitivity-chunks", help="Chunks of --calib whose KL divergence measures each tensor."),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per calibration chunk of the automatic mix's analysis."),
     threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -64,6 +85,8 @@ def quantize(
     """Quantize a model to GGUF with llama.cpp's presets, byte for byte, or a YAML layer profile."""
     if threads < 0:
         raise UsageError(f"--threads must be 0 or more, got {threads}")
+    if calib_chunks < 1 or sensitivity_chunks < 1:
+        raise UsageError("--calib-chunks and --sensitivity-chunks must be positive")
     opts = pipeline.QuantizeOptions(
         input=input, output=output, preset=preset, profile=profile, imatrix=imatrix,
         include_weights=tuple(include_weights), exclude_weights=tuple(exclude_weights),
@@ -72,6 +95,9 @@ def quantize(
         leave_output_tensor=leave_output_tensor, allow_requantize=allow_requantize,
         override_kv=tuple(override_kv), dry_run=dry_run, checkpoint_dir=checkpoint_dir,
         keep_checkpoints=keep_checkpoints, threads=threads, force=force,
+        target_size=target_size, target_bpw=target_bpw, max_kld=max_kld, calib=calib,
+        candidates=tuple(c for c in (candidates or "").split(",") if c.strip()), measurement=measurement,
+        save_profile=save_profile, calib_chunks=calib_chunks, sensitivity_chunks=sensitivity_chunks, ctx=ctx,
     )
 
     def warn(msg: str) -> None:
@@ -88,3 +114,5 @@ def quantize(
         resumed = f", resumed {result.resumed_units} layer unit(s) from checkpoints" if result.resumed_units else ""
         err.print(f"wrote {result.output}: {result.bytes / 1e6:.1f} MB of tensors, {result.bpw:.3f} bpw, "
                   f"{result.seconds:.1f} s{resumed}")
+        if result.allocation is not None:
+            err.print(_mix_line(result))

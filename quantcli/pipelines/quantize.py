@@ -15,22 +15,25 @@ import functools
 import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import shutil
+
 import numpy as np
-from gguf import GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 import quantcli
 from quantcli import checkpoint, codecs
 from quantcli import plan as plan_mod
 from quantcli.calibrate import imatrix_file
-from quantcli.errors import InputError
+from quantcli.errors import InputError, UsageError
 from quantcli.formats import ModelReader, TensorSpec, Writer, create_writer
-from quantcli.formats.atomic import check_output, describe
+from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.formats.base import KV, parse_override_kv
 from quantcli.names import layer_of
+from quantcli.pipelines import allocation
 from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, open_source,
                                        progress_or_noop, provenance, quick_fingerprint, run_date,
                                        source_sha256)
@@ -62,6 +65,17 @@ class QuantizeOptions:
     keep_checkpoints: bool = False
     threads: int = 0  # 0: all cores
     force: bool = False
+    # automatic mix (pipelines/allocation.py): one target, and what measures the sensitivity
+    target_size: str | None = None  # the output file's size: bytes or 180MB, 172MiB, 4.5GB
+    target_bpw: float | None = None  # bits per weight over all tensors
+    max_kld: float | None = None  # the smallest mix whose estimated KLD stays at or under this
+    calib: Path | None = None  # calibration text: the imatrix (when none is given) and the measurement
+    candidates: tuple[str, ...] = ()  # types to choose from (default: allocation's ladder)
+    measurement: Path | None = None  # reused when it exists, else written by the analysis
+    save_profile: Path | None = None  # the mix as a YAML profile (reproduces the file with --profile)
+    calib_chunks: int = 64  # chunks of the imatrix computed from --calib
+    sensitivity_chunks: int = 2  # chunks of the KL divergence measurement
+    ctx: int = 512
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,8 @@ class QuantizeResult:
     resumed_units: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # an automatic mix: target, estimate, reachable range
+    file_bytes: int | None = None  # the output file's size (a dry run: what it will be)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,10 +99,14 @@ class QuantizeResult:
             "output": str(self.output) if self.output else None,
             "dry_run": self.output is None,
             "tensors": [{"name": p.info.name, "shape": list(p.info.shape), "from": p.info.dtype,
-                         "type": p.type, "bytes": p.nbytes, "reason": p.reason} for p in self.plan],
+                         "type": p.type, "bytes": p.nbytes, "reason": p.reason,
+                         **({"estimated_kld": p.estimate} if p.estimate is not None else {})}
+                        for p in self.plan],
             "params": self.params, "bytes": self.bytes, "bpw": round(self.bpw, 4),
+            "file_bytes": self.file_bytes,
             "file_type": self.file_type, "fallbacks": self.fallbacks,
             "resumed_units": self.resumed_units, "seconds": round(self.seconds, 3),
+            "allocation": self.allocation,
             "warnings": self.warnings,
         }
 
@@ -117,8 +137,9 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
     meta: dict[str, Any] = dict(reader.kv)
     meta["general.quantization_version"] = KV(GGUFValueType.UINT32, QUANTIZATION_VERSION)
     meta["general.file_type"] = KV(GGUFValueType.UINT32, int(run.plan.file_type))
-    if imatrix is not None and opts.imatrix is not None:
-        meta["quantize.imatrix.file"] = KV(GGUFValueType.STRING, str(opts.imatrix)[:127])
+    if imatrix is not None and (opts.imatrix is not None or opts.calib is not None):
+        source = str(opts.imatrix) if opts.imatrix is not None else f"computed from {opts.calib}"
+        meta["quantize.imatrix.file"] = KV(GGUFValueType.STRING, source[:127])
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = KV(GGUFValueType.STRING, imatrix.datasets[0][:127])
         meta["quantize.imatrix.entries_count"] = KV(GGUFValueType.INT32, len(imatrix.entries))
@@ -172,21 +193,176 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     with (open_source(opts.input, warn_) if reader is None else contextlib.nullcontext(reader)) as reader:
         if not opts.dry_run:
             check_output(opts.output, [opts.input], opts.force)
+        target = allocation.Target.of(opts.target_size, opts.target_bpw, opts.max_kld)
+        if target is None and (opts.calib or opts.measurement or opts.save_profile or opts.candidates):
+            raise UsageError("--calib, --measurement, --candidates and --save-profile choose an automatic mix: "
+                             "give --target-size, --target-bpw or --max-kld with them")
+        if target is not None and opts.save_profile is not None and not opts.dry_run:
+            check_output(opts.save_profile, [opts.input], opts.force)
         imatrix = None
         if opts.imatrix is not None:
             imatrix = imatrix_file.load(opts.imatrix).filtered(list(opts.include_weights),
                                                                list(opts.exclude_weights))
-        plan = make_plan(reader, opts, imatrix, warn_)
+        recipe = dict(recipe or {})
+        job = _Run(reader, opts, None, imatrix, progress_or_noop(progress), warn_,  # type: ignore[arg-type]
+                   early_hash or _Background(source_sha256, reader), recipe)
+        mix = None
+        if target is None:
+            plan = make_plan(reader, opts, imatrix, warn_)
+            if opts.profile is not None:  # a saved automatic mix records what the mix recorded
+                from quantcli import profiles
+
+                recipe.update(profiles.load(opts.profile).allocation or {})
+        else:
+            mix, imatrix, profile = _automatic(job, target)
+            plan, job.imatrix = mix.plan, imatrix
+            recipe.update(mix.recipe())
+            if profile is not None:
+                recipe["profile"] = Path(opts.save_profile).name
+                recipe["profile.sha256"] = allocation.file_hash_of(profile)
+        job.plan = plan
         summary = dict(plan=plan.tensors, params=plan.params, bytes=plan.bytes, bpw=plan.bpw,
-                       file_type=plan.file_type, fallbacks=plan.fallbacks)
+                       file_type=plan.file_type, fallbacks=plan.fallbacks,
+                       allocation=_allocation_json(mix, opts) if mix else None,
+                       file_bytes=_file_bytes(job))
         if opts.dry_run:
             return QuantizeResult(output=None, seconds=time.perf_counter() - start,
                                   warnings=warnings, **summary)
-        job = _Run(reader, opts, plan, imatrix, progress_or_noop(progress), warn_,
-                   early_hash or _Background(source_sha256, reader), dict(recipe or {}))
         resumed = _execute(job)
+        if mix is not None and profile is not None:
+            with atomic_write(Path(opts.save_profile)) as fh:
+                fh.write(profile.encode())
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
+
+
+# -- automatic mixes -------------------------------------------------------------------------------
+
+
+def _automatic(job: "_Run", target: "allocation.Target"):
+    """The measured mix for `target`: (Mix, the imatrix it used, the profile text or None)."""
+    from quantcli.calibrate.sensitivity import check_candidates
+
+    opts, reader = job.opts, job.reader
+    imatrix, imatrix_sha = job.imatrix, _file_hash(opts.imatrix)
+    measurement = _measurement(job, imatrix_sha)
+    if measurement is None:
+        if imatrix is None:
+            imatrix, imatrix_sha = _computed_imatrix(job)
+        measurement = _measure(job, imatrix, imatrix_sha)
+    candidates = check_candidates(opts.candidates) if opts.candidates else tuple(measurement.candidates)
+    unmeasured = [c for c in candidates if c not in measurement.candidates]
+    if unmeasured:
+        raise UsageError(f"--candidates {unmeasured[0]} was not measured in {opts.measurement}",
+                         hint=f"measured: {', '.join(measurement.candidates)}; run the analysis again "
+                              "with these candidates")
+
+    def plan_for(preset: str) -> Plan | None:
+        try:
+            return make_plan(reader, replace(opts, preset=preset, dry_run=False), imatrix, lambda _m: None)
+        except UsageError:
+            return None
+
+    sizes = allocation.preset_sizes(reader, plan_for)
+    base_preset = opts.preset
+    if base_preset is None and opts.profile is None:  # the preset nearest the target gives the file type
+        q8 = make_plan(reader, replace(opts, preset="Q8_0"), imatrix, job.warn)
+        guess = (target.size - _header_bytes(job, q8, target, opts) if target.size is not None else
+                 target.bpw * q8.params / 8 if target.bpw is not None else None)
+        base_preset = allocation.nearest(sizes, guess) if guess is not None else "Q8_0"
+    base = make_plan(reader, replace(opts, preset=base_preset), imatrix, job.warn)
+    header = _header_bytes(job, base, target, opts)
+    mix = allocation.make_mix(base, measurement, target, candidates, imatrix, header,
+                              getattr(reader, "alignment", 32), sizes)
+    profile = allocation.profile_text(mix) if opts.save_profile is not None else None
+    return mix, imatrix, profile
+
+
+def _measurement(job: "_Run", imatrix_sha: str | None):
+    """The --measurement file when it exists (checked against this model and imatrix), else None."""
+    from quantcli.calibrate.runner import model_fingerprint
+
+    path = job.opts.measurement
+    if path is None or not Path(path).exists():
+        if job.opts.calib is None:
+            raise UsageError("an automatic mix needs a measurement: pass --calib TEXT (and --measurement "
+                             "FILE to keep it for other targets) or an existing --measurement FILE")
+        return None
+    m = allocation.Measurement.load(path)
+    m.check(path, model_fingerprint(job.reader), imatrix_sha)
+    return m
+
+
+def _computed_imatrix(job: "_Run"):
+    """The importance matrix of --calib (llama-imatrix's statistics), checkpointed beside the run."""
+    from quantcli.calibrate import imatrix as calib
+    from quantcli.pipelines.common import read_text
+
+    opts = job.opts
+    ckpt = (opts.checkpoint_dir or checkpoint.default_dir(opts.output)) / "imatrix"
+    text = read_text(opts.calib)
+    result = calib.compute(job.reader, text, calib.ImatrixOptions(
+        ctx=opts.ctx, chunks=opts.calib_chunks, dataset=str(opts.calib), checkpoint_dir=ckpt,
+        keep_checkpoints=True), job.step, job.warn)
+    job.cleanup.append(ckpt)
+    digest = hashlib.sha256(repr(sorted((k, v.sums.tobytes(), v.counts.tobytes())
+                                        for k, v in result.imatrix.entries.items())).encode()).hexdigest()
+    return result.imatrix, digest
+
+
+def _measure(job: "_Run", imatrix, imatrix_sha: str | None):
+    from quantcli.calibrate.sensitivity import DEFAULT_CANDIDATES, check_candidates
+
+    opts = job.opts
+    ckpt = (opts.checkpoint_dir or checkpoint.default_dir(opts.output)) / "sensitivity"
+    candidates = check_candidates(opts.candidates) if opts.candidates else DEFAULT_CANDIDATES
+    m = allocation.measure(job.reader, imatrix, imatrix_sha, opts.calib, candidates, opts.sensitivity_chunks,
+                           opts.ctx, ckpt, opts.keep_checkpoints, opts.threads, job.step, job.warn)
+    if opts.measurement is not None:
+        allocation.save_measurement(m, opts.measurement)
+    else:
+        m.dumps()  # its sha256 is what the output records
+    if not opts.keep_checkpoints:
+        for d in job.cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+    return m
+
+
+def _header_bytes(job: "_Run", plan: Plan, target: "allocation.Target", opts: QuantizeOptions) -> int:
+    """The output's header length for this target: the same whatever types the tensors get (the
+    allocation metadata has fixed-size values)."""
+    from quantcli.formats.gguf import gguf_layout
+
+    n = len(plan.tensors)
+    placeholder = {"allocation.target": target.text, "allocation.estimate_kld": 0.0,
+                   "allocation.measurement_sha256": "0" * 64,
+                   "allocation.tensor_kld": np.zeros(n, np.float32)}
+    if opts.save_profile is not None:
+        placeholder.update({"profile": Path(opts.save_profile).name, "profile.sha256": "0" * 64})
+    probe = _Run(job.reader, opts, plan, job.imatrix, job.step, job.warn, job.source_hash,
+                 {**job.recipe, **placeholder})
+    meta = output_metadata(probe, "0" * 64, run_date())
+    specs = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
+    header, _, _ = gguf_layout(meta, specs, getattr(job.reader, "alignment", 32))
+    return len(header)
+
+
+def _file_bytes(job: "_Run") -> int:
+    """The output file's size: the header and every tensor at its aligned offset."""
+    from quantcli.formats.gguf import gguf_layout
+
+    meta = output_metadata(job, "0" * 64, run_date())
+    specs = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in job.plan]
+    header, _, data = gguf_layout(meta, specs, getattr(job.reader, "alignment", 32))
+    return len(header) + data
+
+
+def _allocation_json(mix: "allocation.Mix", opts: QuantizeOptions) -> dict[str, Any]:
+    lo, hi = mix.reachable
+    return {"target": mix.target.text, "estimated_kld": mix.estimate, "nearest_preset": mix.nearest_preset,
+            "reachable_bytes": [lo, hi], "measurement_sha256": mix.measurement_sha256,
+            "measurement": str(opts.measurement) if opts.measurement else None,
+            "profile": str(opts.save_profile) if opts.save_profile else None}
 
 
 @dataclass
@@ -201,6 +377,7 @@ class _Run:
     warn: Callable[[str], None]
     source_hash: "_Background"  # the input's sha256, still being computed
     recipe: dict[str, Any] = field(default_factory=dict)  # a transform's provenance (quantcli.<key>)
+    cleanup: list[Path] = field(default_factory=list)  # analysis checkpoints to remove after success
 
     def importance(self, p: PlannedTensor) -> np.ndarray | None:
         return self.imatrix.importance(p.info.name) if self.imatrix is not None and not p.copy else None

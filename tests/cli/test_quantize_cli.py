@@ -60,8 +60,8 @@ def test_dry_run_table(model, tmp_path):
 def _check_schema(doc: dict) -> None:
     """Every key of quantcli.quantize/1 and its type (bool is not an int here)."""
     types = {"schema": str, "output": (str, type(None)), "dry_run": bool, "tensors": list, "params": int,
-             "bytes": int, "bpw": float, "file_type": int, "fallbacks": int, "resumed_units": int,
-             "seconds": float, "warnings": list}
+             "bytes": int, "bpw": float, "file_bytes": int, "file_type": int, "fallbacks": int,
+             "resumed_units": int, "seconds": float, "allocation": type(None), "warnings": list}
     assert list(doc) == list(types)
     for key, want in types.items():
         assert type(doc[key]) in (want if isinstance(want, tuple) else (want,)), (key, doc[key])
@@ -105,6 +105,7 @@ def test_json_real_run_writes_the_planned_file(model, tmp_path):
     assert {k: doc[k] for k in ("params", "bytes", "bpw", "file_type", "fallbacks")} == \
         {k: dry[k] for k in ("params", "bytes", "bpw", "file_type", "fallbacks")}
     assert out.stat().st_size > doc["bytes"] and not (tmp_path / "q.gguf.checkpoints").exists()
+    assert out.stat().st_size == doc["file_bytes"] == dry["file_bytes"]
     with open_model(out) as m:
         assert [(n, i.dtype, i.nbytes) for n, i in m.tensors.items()] == \
             [(t["name"], t["type"], t["bytes"]) for t in doc["tensors"]]
