@@ -1,4 +1,6 @@
-"""`quantcli report`: per-tensor rows, per-layer aggregates, totals and the model's metadata summary.
+"""`quantcli report`: per-tensor rows, per-layer aggregates, totals and the model's metadata summary;
+with estimates, each tensor's and layer's estimated KL divergence (an automatic mix's own, or a
+measurement's).
 
 The JSON form (`to_json`) has a stable schema, `quantcli.report/1`, documented in the README.
 """
@@ -10,10 +12,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from quantcli.errors import InputError, UsageError
 from quantcli.formats import ModelReader, open_model
-from quantcli.names import layer_of
+from quantcli.names import OUTPUT, TOKEN_EMBD, category, layer_of
 
 SCHEMA = "quantcli.report/1"
+ALLOCATION = "quantcli.allocation."  # the metadata an automatic mix writes (quantize --target-size ...)
+
 
 @dataclass(frozen=True)
 class TensorRow:
@@ -24,6 +31,7 @@ class TensorRow:
     bytes: int
     bpw: float
     layer: int | None
+    estimated_kld: float | None = None  # estimated dKLD of this tensor at its type; None: unknown
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,23 @@ class LayerRow:
     bytes: int
     bpw: float
     types: dict[str, int]  # type -> number of tensors
+    share: float = 0.0  # of all tensors' bytes
+    estimated_kld: float | None = None  # sum of its tensors' estimates; None when none has one
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """The tensors outside the repeated blocks, as LayerRow: "embd" (token embeddings), "out" (the
+    output head and its norm), "other"."""
+
+    name: str
+    tensors: int
+    params: int
+    bytes: int
+    bpw: float
+    types: dict[str, int]
+    share: float = 0.0
+    estimated_kld: float | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,7 @@ class Totals:
     ratio_vs_f16: float  # F16 bytes of the same parameters / actual bytes
     ratio_vs_f32: float
     types: dict[str, dict[str, int]]  # type -> {tensors, params, bytes}
+    estimated_kld: float | None = None  # sum of the tensors' estimates; None when none has one
 
 
 @dataclass(frozen=True)
@@ -56,11 +82,17 @@ class Report:
     layers: list[LayerRow]
     totals: Totals
     evaluation: dict[str, Any] | None = field(default=None)
+    outside_layers: list[GroupRow] = field(default_factory=list)
+    allocation: dict[str, Any] | None = None  # {target, estimate_kld, measurement_sha256} of an automatic mix
+    estimates: dict[str, Any] | None = None  # where the estimates came from; None: no estimates
 
     def to_json(self) -> dict[str, Any]:
         out = {"schema": SCHEMA, **asdict(self)}
         if out["evaluation"] is None:
             del out["evaluation"]
+        if self.estimates is None:  # no estimates: the rows look as they did before there were any
+            for row in [*out["tensors"], *out["layers"], *out["outside_layers"], out["totals"]]:
+                del row["estimated_kld"]
         return out
 
 
@@ -68,38 +100,139 @@ def _bpw(nbytes: int, params: int) -> float:
     return round(8.0 * nbytes / params, 4) if params else 0.0
 
 
-def build(reader: ModelReader) -> Report:
+def _sum_estimates(rows: list[TensorRow]) -> float | None:
+    known = [r.estimated_kld for r in rows if r.estimated_kld is not None]
+    return float(sum(known)) if known else None
+
+
+def _aggregate(rows: list[TensorRow], total_bytes: int) -> dict[str, Any]:
+    """The fields LayerRow and GroupRow share, over `rows`."""
+    params, nbytes = sum(r.params for r in rows), sum(r.bytes for r in rows)
+    return {"tensors": len(rows), "params": params, "bytes": nbytes, "bpw": _bpw(nbytes, params),
+            "types": dict(sorted(Counter(r.type for r in rows).items())),
+            "share": nbytes / total_bytes if total_bytes else 0.0, "estimated_kld": _sum_estimates(rows)}
+
+
+def outside_label(name: str) -> str:
+    """The group of a tensor outside the repeated blocks: "embd", "out" or "other"."""
+    cat = category(name)
+    if cat == TOKEN_EMBD or "embed_tokens" in name:
+        return "embd"
+    if cat == OUTPUT or name.startswith("output") or name.startswith("lm_head") or name == "model.norm.weight":
+        return "out"
+    return "other"
+
+
+def build(reader: ModelReader, estimates: list[float | None] | None = None) -> Report:
+    """The report of `reader`'s tensors; `estimates`: one estimated dKLD (or None) per tensor in
+    file order."""
+    infos = list(reader.tensors.values())
+    est = estimates if estimates is not None else [None] * len(infos)
     rows = [
         TensorRow(name=t.name, shape=list(t.shape), type=t.dtype, params=t.n_params,
-                  bytes=t.nbytes, bpw=_bpw(t.nbytes, t.n_params), layer=layer_of(t.name))
-        for t in reader.tensors.values()
+                  bytes=t.nbytes, bpw=_bpw(t.nbytes, t.n_params), layer=layer_of(t.name), estimated_kld=e)
+        for t, e in zip(infos, est)
     ]
+    params, nbytes = sum(r.params for r in rows), sum(r.bytes for r in rows)
     per_layer: dict[int, list[TensorRow]] = defaultdict(list)
+    outside: dict[str, list[TensorRow]] = defaultdict(list)
     for r in rows:
         if r.layer is not None:
             per_layer[r.layer].append(r)
-    layers = []
-    for idx in sorted(per_layer):
-        group = per_layer[idx]
-        params, nbytes = sum(r.params for r in group), sum(r.bytes for r in group)
-        layers.append(LayerRow(layer=idx, tensors=len(group), params=params, bytes=nbytes,
-                               bpw=_bpw(nbytes, params),
-                               types=dict(sorted(Counter(r.type for r in group).items()))))
+        else:
+            outside[outside_label(r.name)].append(r)
+    layers = [LayerRow(layer=idx, **_aggregate(per_layer[idx], nbytes)) for idx in sorted(per_layer)]
+    groups = [GroupRow(name=g, **_aggregate(outside[g], nbytes)) for g in ("embd", "out", "other") if g in outside]
     by_type: dict[str, dict[str, int]] = {}
     for r in rows:
         t = by_type.setdefault(r.type, {"tensors": 0, "params": 0, "bytes": 0})
         t["tensors"] += 1
         t["params"] += r.params
         t["bytes"] += r.bytes
-    params, nbytes = sum(r.params for r in rows), sum(r.bytes for r in rows)
     totals = Totals(
         tensors=len(rows), params=params, bytes=nbytes, bpw=_bpw(nbytes, params),
         ratio_vs_f16=round(2.0 * params / nbytes, 4) if nbytes else 0.0,
         ratio_vs_f32=round(4.0 * params / nbytes, 4) if nbytes else 0.0,
-        types=dict(sorted(by_type.items())),
+        types=dict(sorted(by_type.items())), estimated_kld=_sum_estimates(rows),
     )
     return Report(file=str(reader.path), format=reader.format, metadata=reader.summary(),
-                  tensors=rows, layers=layers, totals=totals)
+                  tensors=rows, layers=layers, totals=totals, outside_layers=groups)
+
+
+# -- estimates ----------------------------------------------------------------------------------
+
+
+def allocation_metadata(reader: ModelReader) -> dict[str, Any] | None:
+    """An automatic mix's target, total estimate and measurement hash, or None for other files."""
+    keys = ("target", "estimate_kld", "measurement_sha256")
+    if not any(ALLOCATION + k in reader.kv for k in (*keys, "tensor_kld")):
+        return None
+    doc = {k: reader.meta(ALLOCATION + k) for k in keys}
+    if doc["estimate_kld"] is not None:
+        doc["estimate_kld"] = float(doc["estimate_kld"])
+    return doc
+
+
+def recorded_estimates(reader: ModelReader) -> list[float] | None:
+    """The per-tensor estimates an automatic mix records (`quantcli.allocation.tensor_kld`, one per
+    tensor in file order, 0.0 for tensors it did not choose), or None when the file has none."""
+    key = ALLOCATION + "tensor_kld"
+    kv = reader.kv.get(key)
+    if kv is None:
+        return None
+    values = kv.value
+    if not isinstance(values, np.ndarray) or values.dtype.kind != "f":
+        raise InputError(f"{reader.path}: metadata '{key}' is not an array of floats",
+                         hint="the file's allocation metadata is damaged; quantize it again")
+    if len(values) != len(reader.tensors):
+        raise InputError(f"{reader.path}: metadata '{key}' has {len(values)} values for "
+                         f"{len(reader.tensors)} tensors",
+                         hint="the file's allocation metadata is damaged; pass --measurement M.json instead")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise InputError(f"{reader.path}: metadata '{key}' holds negative or non-finite values",
+                         hint="the file's allocation metadata is damaged; pass --measurement M.json instead")
+    return [float(v) for v in values]
+
+
+def measured_estimates(reader: ModelReader, path: Path) -> tuple[list[float | None], str]:
+    """Per tensor in file order, the measurement's estimate of its dKLD at its type: unquantized
+    F32 tensors 0.0, tensors the measurement has no error for at that type None. Returns the
+    estimates and the measurement's sha256. Refuses a measurement of another model."""
+    from quantcli.allocate import Measurement
+
+    m = Measurement.load(path)
+    infos = list(reader.tensors.values())
+    known = [t for t in infos if t.name in m.tensors]
+    if not known:
+        raise InputError(f"{path}: the measurement is of another model: none of the "
+                         f"{len(infos)} tensors of {reader.path.name} is in it",
+                         hint="pass the measurement quantize --measurement made for this model")
+    for t in known:
+        if tuple(t.shape) != tuple(m.tensors[t.name].shape):
+            raise InputError(f"{path}: the measurement is of another model: {t.name} is "
+                             f"{list(m.tensors[t.name].shape)} there, {list(t.shape)} in {reader.path.name}",
+                             hint="pass the measurement quantize --measurement made for this model")
+    out: list[float | None] = []
+    for t in infos:
+        tm = m.tensors.get(t.name)
+        if tm is not None and t.dtype in tm.errors:
+            out.append(float(tm.estimate(t.dtype)))
+        else:
+            out.append(0.0 if t.dtype == "F32" else None)
+    return out, m.sha256
+
+
+def estimated(reader: ModelReader, measurement: Path | None) -> tuple[list[float | None] | None, dict[str, Any] | None]:
+    """The per-tensor estimates and where they came from: `measurement` when given, else the
+    file's allocation metadata, else none."""
+    if measurement is not None:
+        values, sha = measured_estimates(reader, measurement)
+        return values, {"source": "measurement", "measurement": str(measurement), "measurement_sha256": sha}
+    recorded = recorded_estimates(reader)
+    if recorded is not None:
+        return recorded, {"source": "metadata", "measurement": None,
+                          "measurement_sha256": reader.meta(ALLOCATION + "measurement_sha256")}
+    return None, None
 
 
 @dataclass(frozen=True)
@@ -170,9 +303,34 @@ def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str,
             "tokens_per_second": round(r.tokens_per_second, 1)}
 
 
-def run(path: Path, evaluation: EvalOptions | None = None, progress=None) -> Report:
+def check_plot(path: Path, inputs: list[Path]) -> None:
+    """Refuse a --plot that would not be a PNG, would replace an input, or cannot be drawn (no
+    matplotlib) before any work is done. An existing PNG is replaced."""
+    import importlib.util
+
+    from quantcli.formats.atomic import check_output
+
+    if Path(path).suffix.lower() != ".png":
+        raise UsageError(f"--plot {path}: the plot is a PNG; name it FILE.png")
+    check_output(Path(path), inputs, force=True)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib", hint="pip install 'quantcli[plot]'")
+
+
+def run(path: Path, evaluation: EvalOptions | None = None, progress=None, *, measurement: Path | None = None,
+        plot: Path | None = None) -> Report:
+    """The report of the model at `path`, with estimates from `measurement` or the file's
+    allocation metadata; with `plot`, its bits and estimates per layer as a PNG."""
+    if plot is not None:
+        inputs = [path, measurement] + ([evaluation.text, evaluation.base, evaluation.calib] if evaluation else [])
+        check_plot(plot, [Path(p) for p in inputs if p is not None])
     with open_model(path) as reader:
-        rep = build(reader)
+        values, source = estimated(reader, measurement)
+        rep = replace(build(reader, values), allocation=allocation_metadata(reader), estimates=source)
         if evaluation is not None:
             rep = replace(rep, evaluation=evaluate(reader, evaluation, progress))
-        return rep
+    if plot is not None:
+        from quantcli.pipelines.report_plot import plot_layers
+
+        plot_layers(rep, Path(plot))
+    return rep
