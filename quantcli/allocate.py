@@ -4,14 +4,18 @@ The measurement (`calibrate/sensitivity.py`, saved as a `quantcli.sensitivity/1`
 gives per tensor t the error energy err(t, q) of every candidate type q and the measured mean KLD
 of t alone quantized to one or two reference types. The model of err -> dKLD, per tensor:
 
-    dKLD(t, q) = k_r * (err(t, q) / err(t, r)) ** b
+    dKLD(t, q) = k_r * (err(t, q) / err_w(t, r)) ** b,   err(t, q) = err_w(t, q) + g_A * err_act(t, A)
 
 through the measured points (err(t, r), k_r) in log-log space: between two references the line
 through them; below the lowest reference slope 1 (a small perturbation of the logits moves the KL
 divergence by its square, and the logits' change is linear in the weights' error: dKLD is
 proportional to the error energy); above the highest, the slope between the two references
-(clamped to 1..2), or 1 with one reference. The tensors' estimates add: independent small errors
-add their KL divergences to second order. The estimate of a mix is that sum.
+(clamped to 1..2), or 1 with one reference. The references were measured with float activations;
+the activation rounding A of q (Q8_0, Q8_K: ggml-cpu rounds a quantized weight's inputs) adds
+err_act(t, A) scaled by g_A, the measured KLD of all inputs rounded to A over what the weights'
+slopes predict for it (`Measurement.act_scale`: on Gemma 3 270M a unit of activation error costs
+several times less than a unit of weight error). The tensors' estimates add: independent small
+errors add their KL divergences to second order. The estimate of a mix is that sum.
 
 The solver is an exact multiple-choice knapsack by dynamic programming over the byte budget in
 units of ceil(budget / 2**18) bytes (each option's bytes rounded *up* to whole units, so the budget
@@ -78,16 +82,25 @@ class TensorMeasurement:
     errors: dict[str, float]  # type -> weight error energy
     act_errors: dict[str, float]  # activation type -> activation rounding error energy
     kld: dict[str, float]  # reference type -> measured mean KLD
+    act_scale: dict[str, float] = field(default_factory=dict, compare=False)  # see Measurement.act_scale
 
     def error(self, type_name: str) -> float:
-        """err(t, q): the weight error of q plus the rounding error of q's activations."""
+        """err(t, q): the weight error of q plus the rounding error of q's activations, scaled to
+        what a weight error of that energy costs."""
         from quantcli.engine.ops import activation_type  # (ops loads numba's kernels lazily, but later)
 
-        return self.errors[type_name] + self.act_errors.get(activation_type(type_name), 0.0)
+        act = activation_type(type_name)
+        return self.errors[type_name] + self.act_scale.get(act, 1.0) * self.act_errors.get(act, 0.0)
+
+    def slope1(self) -> float:
+        """dKLD per unit of weight error at the lowest reference (0 without one)."""
+        pts = self.points()
+        return pts[0][1] / pts[0][0] if pts else 0.0
 
     def points(self) -> list[tuple[float, float]]:
-        """(err, kld) of the references, by increasing err; references with no error skipped."""
-        pts = sorted((self.error(r), k) for r, k in self.kld.items() if r in self.errors)
+        """(err, kld) of the references, by increasing err; references with no error skipped. The
+        references were measured with float activations: their err is the weight's alone."""
+        pts = sorted((self.errors[r], k) for r, k in self.kld.items() if r in self.errors)
         return [(e, k) for e, k in pts if e > 0]
 
     def estimate(self, type_name: str) -> float:
@@ -123,6 +136,23 @@ class Measurement:
     seconds: float = 0.0
     sha256: str = ""  # of the file's bytes (set by load / dumps)
     extra: dict[str, Any] = field(default_factory=dict)
+    act_kld: dict[str, float] = field(default_factory=dict)  # activation type -> KLD of rounding alone
+
+    def __post_init__(self) -> None:
+        scale = self.act_scale()
+        for t in self.tensors.values():
+            t.act_scale = scale
+
+    def act_scale(self) -> dict[str, float]:
+        """Per activation type A, what a unit of activation error energy costs relative to a unit
+        of weight error: the measured KLD of every input rounded to A (weights float) over what
+        the tensors' weight-error slopes predict for their activation errors,
+        act_kld[A] / sum_t slope1(t) * act_errors(t, A). Without a measurement of it, 1."""
+        out = {}
+        for act, k in self.act_kld.items():
+            predicted = math.fsum(t.slope1() * t.act_errors.get(act, 0.0) for t in self.tensors.values())
+            out[act] = k / predicted if predicted > 0 else 1.0
+        return out
 
     def estimate(self, name: str, type_name: str) -> float:
         return self.tensors[name].estimate(type_name)
@@ -130,7 +160,8 @@ class Measurement:
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "model": self.model, "imatrix_sha256": self.imatrix_sha256,
                 "calibration": self.calibration, "candidates": self.candidates,
-                "references": self.references, "seconds": round(self.seconds, 1), **self.extra,
+                "references": self.references, "seconds": round(self.seconds, 1), "act_kld": self.act_kld,
+                **self.extra,
                 "tensors": {n: {"shape": list(t.shape), "errors": t.errors, "act_errors": t.act_errors,
                                 "kld": t.kld} for n, t in self.tensors.items()}}
 
@@ -160,11 +191,12 @@ class Measurement:
                     {str(k): _number(v) for k, v in t["act_errors"].items()},
                     {str(k): _number(v) for k, v in t["kld"].items()})
             known = {"schema", "model", "imatrix_sha256", "calibration", "candidates", "references",
-                     "seconds", "tensors"}
+                     "seconds", "tensors", "act_kld"}
             m = cls(dict(doc["model"]), doc.get("imatrix_sha256"), dict(doc["calibration"]),
                     [str(c) for c in doc["candidates"]], [str(r) for r in doc["references"]], tensors,
                     float(doc.get("seconds", 0.0)), hashlib.sha256(raw).hexdigest(),
-                    {k: v for k, v in doc.items() if k not in known})
+                    {k: v for k, v in doc.items() if k not in known},
+                    {str(k): _number(v) for k, v in doc.get("act_kld", {}).items()})
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path}: not a valid measurement file ({exc})",
                              hint="make one with quantize --calib TEXT --measurement FILE") from None

@@ -30,6 +30,7 @@ Two measurements per quantizable tensor t (the block's linears, the token embedd
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +162,9 @@ class SensitivityObserver(Observer, name="sensitivity"):
         self.vocab_slice = vocab_slice
         self.tensors_: dict[str, TensorSensitivity] = {}
         self.streams_: dict[str, np.ndarray] = {}  # "tensor|ref" -> hidden states [n_chunks, ctx, n_embd]
+        # "act|Q8_0": every linear's (and the head's) input rounded as a candidate type would, weights
+        # float: the KLD of activation rounding alone, which scales the activation errors
+        self.act_kld_: dict[str, float] = {}
 
     # -- helpers -------------------------------------------------------------------------------------
     def _importance(self, name: str) -> np.ndarray | None:
@@ -180,13 +184,16 @@ class SensitivityObserver(Observer, name="sensitivity"):
     # -- per layer -----------------------------------------------------------------------------------
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
         model = self.model
-        if il == 0:
-            self._split_embedding()
-        for s in self.streams_.values():  # carry every split-off stream through this layer, clean
-            for c in range(s.shape[0]):
-                s[c] = model.layer(il, weights, np.asarray(s[c]))
         shorts = [s for s in LINEARS if s in weights]
         names = {s: f"blk.{il}.{s}.weight" for s in shorts}
+        if il == 0:
+            self._split_embedding()
+            for a in self._act_types():
+                self.streams_[f"act|{a}"] = np.stack([probe.input(c) for c in range(probe.n_chunks)])
+        for key, s in self.streams_.items():  # carry every split-off stream through this layer
+            m = self._rounding(key[4:], {names[x]: weights[x].shape for x in shorts}) if key.startswith("act|") else model
+            for c in range(s.shape[0]):
+                s[c] = m.layer(il, weights, np.asarray(s[c]))
         act = self._act_errors(weights, probe, names)
         with ThreadPoolExecutor(self.threads) as pool:
             for short in shorts:
@@ -206,6 +213,21 @@ class SensitivityObserver(Observer, name="sensitivity"):
                     for c in range(probe.n_chunks):
                         stream[c] = model.layer(il, edited, probe.input(c))
                     self.streams_[f"{name}|{ref}"] = stream
+
+    def _act_types(self) -> list[str]:
+        """The activation roundings the candidates bring (each measured by a stream of its own)."""
+        return sorted({activation_type(t) for t in self.candidates} - {"F32", "F16", "BF16"})
+
+    def _rounds(self, name: str, shape: tuple[int, ...], act: str) -> bool:
+        """Whether a candidate of this tensor rounds its inputs to `act`."""
+        return any(activation_type(t) == act for t in candidates_for(name, shape, self.candidates, True))
+
+    def _rounding(self, act: str, shapes: dict[str, tuple[int, ...]]) -> Model:
+        """The model with the inputs of these linears rounded to `act` (where a candidate would)."""
+        m = copy.copy(self.model)
+        m.act_quant = True
+        m.act_types = {n: act if self._rounds(n, shape, act) else "F32" for n, shape in shapes.items()}
+        return m
 
     def _act_errors(self, weights: dict[str, np.ndarray], probe: Probe,
                     names: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -252,6 +274,9 @@ class SensitivityObserver(Observer, name="sensitivity"):
         head_imp = np.mean(base.astype(np.float64) ** 2, axis=0).astype(np.float32)
         streams = {k: model.head_input(np.ascontiguousarray(s[:, pos]).reshape(-1, E))
                    for k, s in self.streams_.items()}
+        for a in self._act_types():  # the head's input too, where its candidates round it
+            if self._rounds(head_name, model.reader.tensors[head_name].shape, a):
+                streams[f"act|{a}"] = quantize_activations(streams[f"act|{a}"], a)
         # the output's own error table and its references (tied: the embedding's rows)
         x = model.reader.load_f32(head_name, copy=False).reshape(out_info.shape[0], -1)
         types = candidates_for(head_name, out_info.shape, self.candidates, True)
@@ -273,7 +298,10 @@ class SensitivityObserver(Observer, name="sensitivity"):
         klds = self._klds(model, base, streams, head_rows)
         for key, v in klds.items():
             name, ref = key.split("|")
-            self.tensors_[name].kld[ref] = v
+            if name == "act":
+                self.act_kld_[ref] = v
+            else:
+                self.tensors_[name].kld[ref] = v
 
     def _head_act_errors(self, h: np.ndarray, types: list[str]) -> dict[str, float]:
         model = self.model

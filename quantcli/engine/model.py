@@ -55,6 +55,9 @@ class Model:
         # run the block linears as an int8 engine would (instead of act_quant's rounding for them);
         # layer_weights then gives their weights already int8-rounded
         self.simulate = simulate
+        # with act_quant: the activation type of a weight by name, instead of its stored type's
+        # (a measurement rounds the inputs of float weights as a quantized type's would be)
+        self.act_types: dict[str, str] = {}
         self.output_name = "output.weight" if "output.weight" in reader.tensors else "token_embd.weight"
         ff = reader.tensors.get("rope_freqs.weight")
         self._freq_factors = None if ff is None else reader.load_f32("rope_freqs.weight").tobytes()
@@ -109,7 +112,11 @@ class Model:
         """x as ggml-cpu feeds it to a matmul with weight `name` (rounded when act_quant)."""
         if not self.act_quant:
             return x
-        return quantize_activations(x, activation_type(self.reader.tensors[name].dtype))
+        return quantize_activations(x, self.activation_type(name))
+
+    def activation_type(self, name: str) -> str:
+        """The type ggml-cpu rounds the inputs of weight `name` to (act_types first)."""
+        return self.act_types.get(name) or activation_type(self.reader.tensors[name].dtype)
 
     def output_rows(self, v0: int, v1: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows v0:v1 of the output projection (tied to token_embd when output.weight is absent),
@@ -155,7 +162,7 @@ class Model:
                     rounded[key] = (h, self.simulate.activations(full, h))
                 xin = rounded[key][1]
             elif self.act_quant:
-                key = (id(h), activation_type(self.reader.tensors[full].dtype))
+                key = (id(h), self.activation_type(full))
                 if key not in rounded:
                     rounded[key] = (h, quantize_activations(h, key[1]))
                 xin = rounded[key][1]

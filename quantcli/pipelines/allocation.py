@@ -94,7 +94,8 @@ def measure(reader: Any, imatrix: imatrix_file.Imatrix | None, imatrix_sha256: s
         calibration={"text": Path(calib).name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
                      "chunks": chunks, "ctx": ctx, "positions": obs.n_positions},
         candidates=list(candidates), references=list(obs.references), tensors=tensors,
-        seconds=time.perf_counter() - t0, extra={"quantcli": quantcli.__version__})
+        seconds=time.perf_counter() - t0, extra={"quantcli": quantcli.__version__, "top_k_mass": obs.coverage_},
+        act_kld=dict(obs.act_kld_))
 
 
 def save_measurement(m: Measurement, path: Path) -> None:

@@ -115,3 +115,15 @@ def test_untied_output_and_embedding_are_measured_on_their_own(tmp_path, tensor)
         opts = PerplexityOptions(ctx=CTX, chunks=CHUNKS, act_quant=False)
         want = perplexity(Model(b, act_quant=False), _tokens(), opts, base=Model(a, act_quant=False)).kld_mean
     assert measured[tensor].kld["Q4_0"] == pytest.approx(want, rel=1e-3)
+
+
+def test_the_activation_stream_is_the_engines_kld_of_rounded_inputs(model):
+    run, _ = _measure(model)
+    obs = run.observers[0]
+    assert set(obs.act_kld_) == {"Q8_0"}  # the candidates' only integer activation type
+    with open_model(model) as r:
+        rounded = Model(r, act_quant=True)
+        rounded.act_types = {n: "Q8_0" for n, i in r.tensors.items() if len(i.shape) == 2}
+        opts = PerplexityOptions(ctx=CTX, chunks=CHUNKS, act_quant=False)
+        want = perplexity(rounded, _tokens(), opts, base=Model(r, act_quant=False)).kld_mean
+    assert want > 0 and obs.act_kld_["Q8_0"] == pytest.approx(want, rel=1e-3)
