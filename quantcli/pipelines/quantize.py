@@ -325,6 +325,8 @@ def _measure(job: "_Run", imatrix, imatrix_sha: str | None):
     if not opts.keep_checkpoints:
         for d in job.cleanup:
             shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the run's own checkpoints (if any) come later
+            ckpt.parent.rmdir()
     return m
 
 

@@ -188,3 +188,68 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
     assert res.exit_code == 2 and "--target-size" in res.output
     assert not out.exists()
     assert all("Traceback" not in r for r in [res.output])
+
+
+def test_a_measurement_without_a_planned_tensor_is_refused(setup, tmp_path):
+    tmp, src, text, meas, _ = setup
+    doc = json.loads(meas.read_text())
+    del doc["tensors"]["blk.1.ffn_up.weight"]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(doc))
+    res = quantize(str(src), str(tmp_path / "o.gguf"), "--target-bpw", "4", "--measurement", str(partial))
+    assert res.exit_code == 3 and "blk.1.ffn_up.weight" in res.output and "Traceback" not in res.output
+
+
+_KILLED = """
+import sys
+from quantcli.cli.app import app
+sys.argv = ["quantcli", "quantize", *sys.argv[1:]]
+app()
+"""
+
+
+def test_the_analysis_resumes_after_sigkill_to_the_same_measurement(tmp_path):
+    """SIGKILL `quantize --calib` while it measures; the same command again resumes from the
+    layer checkpoints and measures what an uninterrupted run measures."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    src = write_model(tmp_path / "m.gguf", "llama", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    script = tmp_path / "run.py"
+    script.write_text(_KILLED)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    imx = tmp_path / "imx.gguf"
+    assert runner.invoke(app, ["imatrix", str(src), "-f", str(text), "-o", str(imx), "--ctx", "64",
+                               "--chunks", "4"]).exit_code == 0
+
+    def cmd(meas, ck):
+        return [sys.executable, str(script), str(src), str(tmp_path / "o.gguf"), "--target-bpw", "5", "--imatrix",
+                str(imx), "--calib", str(text), "--measurement", str(meas), "--checkpoint-dir", str(ck),
+                "--ctx", "64", "--candidates", CANDIDATES, "--dry-run", "-q"]
+
+    subprocess.run(cmd(tmp_path / "ref.json", tmp_path / "ck-ref"), check=True, env=env)
+    ck = tmp_path / "ck"
+    manifest = ck / "sensitivity" / "manifest.json"
+    proc = subprocess.Popen(cmd(tmp_path / "got.json", ck), env=env)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if sum(u.startswith("stats-") for u in json.loads(manifest.read_text())["units"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    assert proc.poll() is None, "the analysis finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "got.json").exists()
+    subprocess.run(cmd(tmp_path / "got.json", ck), check=True, env=env)
+    ref, got = (json.loads((tmp_path / n).read_text()) for n in ("ref.json", "got.json"))
+    assert got["tensors"] == ref["tensors"] and got["act_kld"] == ref["act_kld"]
+    assert not ck.exists()
