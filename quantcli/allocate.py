@@ -1,21 +1,22 @@
 """Automatic mixes: one type per tensor that minimises the estimated KL divergence under a byte budget.
 
 The measurement (`calibrate/sensitivity.py`, saved as a `quantcli.sensitivity/1` JSON document)
-gives per tensor t the error energy err(t, q) of every candidate type q and the measured mean KLD
-of t alone quantized to one or two reference types. The model of err -> dKLD, per tensor:
+gives per tensor t the weight error energy err_w(t, q) of every candidate type q, the measured mean
+KLD of t alone quantized to a reference type (float activations), and the measured KLD of t's
+inputs alone rounded as its types would (Q8_K for K-quants and IQ types, Q8_0 for the 32-blocks),
+where it has that choice. The model of dKLD, per tensor:
 
-    dKLD(t, q) = k_r * (err(t, q) / err_w(t, r)) ** b,   err(t, q) = err_w(t, q) + g_A * err_act(t, A)
+    dKLD(t, q) = w(err_w(t, q)) + a(t, A(q))
 
-through the measured points (err(t, r), k_r) in log-log space: between two references the line
-through them; below the lowest reference slope 1 (a small perturbation of the logits moves the KL
-divergence by its square, and the logits' change is linear in the weights' error: dKLD is
-proportional to the error energy); above the highest, the slope between the two references
-(clamped to 1..2), or 1 with one reference. The references were measured with float activations;
-the activation rounding A of q (Q8_0, Q8_K: ggml-cpu rounds a quantized weight's inputs) adds
-err_act(t, A) scaled by g_A, the measured KLD of all inputs rounded to A over what the weights'
-slopes predict for it (`Measurement.act_scale`: on Gemma 3 270M a unit of activation error costs
-several times less than a unit of weight error). The tensors' estimates add: independent small
-errors add their KL divergences to second order. The estimate of a mix is that sum.
+w: through the references' points (err_w(t, r), k_r) in log-log space; slope 1 below the lowest (a
+small perturbation of the logits moves the KL divergence by its square, and the logits' change is
+linear in the weights' error: dKLD is proportional to the error energy); between two references
+the line through them; above the highest, their slope clamped to 1..2, or 1 with one reference.
+a: ggml-cpu rounds a quantized weight's inputs to its vec_dot type A; measured for t on its own
+where it has a choice of A, else g_A * slope * err_act(t, A), with g_A from the stream that rounds
+every input (`Measurement.act_scale`: on Gemma 3 270M a unit of activation error costs about half
+what a unit of weight error does). The tensors' estimates add: independent small errors add their
+KL divergences to second order. The estimate of a mix is that sum.
 
 The solver is an exact multiple-choice knapsack by dynamic programming over the byte budget in
 units of ceil(budget / 2**18) bytes (each option's bytes rounded *up* to whole units, so the budget
@@ -81,16 +82,9 @@ class TensorMeasurement:
     shape: tuple[int, ...]
     errors: dict[str, float]  # type -> weight error energy
     act_errors: dict[str, float]  # activation type -> activation rounding error energy
-    kld: dict[str, float]  # reference type -> measured mean KLD
+    kld: dict[str, float]  # reference type -> measured mean KLD (float activations)
+    act_kld: dict[str, float] = field(default_factory=dict)  # activation type -> measured KLD of its rounding
     act_scale: dict[str, float] = field(default_factory=dict, compare=False)  # see Measurement.act_scale
-
-    def error(self, type_name: str) -> float:
-        """err(t, q): the weight error of q plus the rounding error of q's activations, scaled to
-        what a weight error of that energy costs."""
-        from quantcli.engine.ops import activation_type  # (ops loads numba's kernels lazily, but later)
-
-        act = activation_type(type_name)
-        return self.errors[type_name] + self.act_scale.get(act, 1.0) * self.act_errors.get(act, 0.0)
 
     def slope1(self) -> float:
         """dKLD per unit of weight error at the lowest reference (0 without one)."""
@@ -98,14 +92,25 @@ class TensorMeasurement:
         return pts[0][1] / pts[0][0] if pts else 0.0
 
     def points(self) -> list[tuple[float, float]]:
-        """(err, kld) of the references, by increasing err; references with no error skipped. The
-        references were measured with float activations: their err is the weight's alone."""
+        """(weight error, kld) of the references, by increasing error; those with no error skipped."""
         pts = sorted((self.errors[r], k) for r, k in self.kld.items() if r in self.errors)
         return [(e, k) for e, k in pts if e > 0]
 
     def estimate(self, type_name: str) -> float:
-        """Estimated dKLD of this tensor quantized to `type_name` (see the module)."""
-        e = self.error(type_name)
+        """Estimated dKLD of this tensor stored as `type_name`: its weights' error, and the rounding
+        of its inputs that type brings (see the module)."""
+        return self.weight_estimate(self.errors[type_name]) + self.act_estimate(type_name)
+
+    def act_estimate(self, type_name: str) -> float:
+        from quantcli.engine.ops import activation_type  # (not at import: ops is the engine's)
+
+        act = activation_type(type_name)
+        if act in self.act_kld:
+            return self.act_kld[act]
+        return self.act_scale.get(act, 1.0) * self.slope1() * self.act_errors.get(act, 0.0)
+
+    def weight_estimate(self, e: float) -> float:
+        """dKLD of a weight error energy e, through the references' points in log-log space."""
         pts = self.points()
         if e <= 0 or not pts:
             return 0.0
@@ -113,8 +118,7 @@ class TensorMeasurement:
         (e0, k0) = pts[0]
         k0 = max(k0, floor)
         if e <= e0 or len(pts) == 1:
-            slope = 1.0 if e <= e0 else 1.0
-            return k0 * (e / e0) ** slope
+            return k0 * (e / e0)
         (e1, k1) = pts[-1]
         k1 = max(k1, floor)
         slope = math.log(k1 / k0) / math.log(e1 / e0) if e1 > e0 else 1.0
@@ -145,13 +149,16 @@ class Measurement:
 
     def act_scale(self) -> dict[str, float]:
         """Per activation type A, what a unit of activation error energy costs relative to a unit
-        of weight error: the measured KLD of every input rounded to A (weights float) over what
-        the tensors' weight-error slopes predict for their activation errors,
-        act_kld[A] / sum_t slope1(t) * act_errors(t, A). Without a measurement of it, 1."""
+        of weight error, for the tensors whose rounding to A was not measured on its own: the
+        measured KLD of every input rounded to A (weights float) less the tensors measured on
+        their own, over what the others' weight-error slopes predict for their activation errors.
+        Without a measurement of it, 1."""
         out = {}
         for act, k in self.act_kld.items():
-            predicted = math.fsum(t.slope1() * t.act_errors.get(act, 0.0) for t in self.tensors.values())
-            out[act] = k / predicted if predicted > 0 else 1.0
+            alone = math.fsum(t.act_kld[act] for t in self.tensors.values() if act in t.act_kld)
+            predicted = math.fsum(t.slope1() * t.act_errors.get(act, 0.0) for t in self.tensors.values()
+                                  if act not in t.act_kld)
+            out[act] = max(k - alone, 0.0) / predicted if predicted > 0 else 1.0
         return out
 
     def estimate(self, name: str, type_name: str) -> float:
@@ -163,7 +170,7 @@ class Measurement:
                 "references": self.references, "seconds": round(self.seconds, 1), "act_kld": self.act_kld,
                 **self.extra,
                 "tensors": {n: {"shape": list(t.shape), "errors": t.errors, "act_errors": t.act_errors,
-                                "kld": t.kld} for n, t in self.tensors.items()}}
+                                "kld": t.kld, "act_kld": t.act_kld} for n, t in self.tensors.items()}}
 
     def dumps(self) -> bytes:
         data = (json.dumps(self.to_json(), indent=1) + "\n").encode()
@@ -189,7 +196,8 @@ class Measurement:
                     name, tuple(int(d) for d in t["shape"]),
                     {str(k): _number(v) for k, v in t["errors"].items()},
                     {str(k): _number(v) for k, v in t["act_errors"].items()},
-                    {str(k): _number(v) for k, v in t["kld"].items()})
+                    {str(k): _number(v) for k, v in t["kld"].items()},
+                    {str(k): _number(v) for k, v in t.get("act_kld", {}).items()})
             known = {"schema", "model", "imatrix_sha256", "calibration", "candidates", "references",
                      "seconds", "tensors", "act_kld"}
             m = cls(dict(doc["model"]), doc.get("imatrix_sha256"), dict(doc["calibration"]),

@@ -108,15 +108,29 @@ def test_estimate_passes_through_the_references_and_is_linear_below():
     assert math.isclose(t.estimate("Q8_0"), 0.02 * 0.001 / 0.1)  # slope 1 below the lowest reference
 
 
-def test_estimate_counts_the_activation_rounding():
-    # the reference was measured with float activations; Q4_0 and Q8_0 both round inputs to Q8_0
-    t = _tensor({"Q4_0": 0.02}, act={"Q8_0": 0.01})
-    assert math.isclose(t.estimate("Q4_0"), 0.02 * (0.1 + 0.01) / 0.1)
-    assert math.isclose(t.estimate("Q8_0"), 0.02 * (0.001 + 0.01) / 0.1)
+def test_estimate_adds_the_activation_rounding():
+    # the reference was measured with float activations; Q4_0 and Q8_0 both round inputs to Q8_0,
+    # Q2_K to Q8_K, whose effect was measured on its own
+    t = _tensor({"Q4_0": 0.02}, act={"Q8_0": 0.01, "Q8_K": 0.05})
+    t.act_kld = {"Q8_K": 0.003}
+    t.act_scale = {"Q8_0": 0.5}
+    assert math.isclose(t.estimate("Q4_0"), 0.02 + 0.5 * 0.2 * 0.01)  # slope 0.02 / 0.1
+    assert math.isclose(t.estimate("Q8_0"), 0.02 * 0.001 / 0.1 + 0.5 * 0.2 * 0.01)
+    assert math.isclose(t.estimate("Q2_K"), 0.02 * 0.4 / 0.1 + 0.003)
+
+
+def test_act_scale_is_what_the_all_rounded_stream_leaves_for_the_unmeasured_tensors():
+    a = TensorMeasurement("a", (4, 256), {"Q4_0": 0.1}, {"Q8_0": 0.01}, {"Q4_0": 0.02})
+    b = TensorMeasurement("b", (4, 256), {"Q4_0": 0.1}, {"Q8_0": 0.03}, {"Q4_0": 0.01}, {"Q8_0": 0.001})
+    m = Measurement({}, None, {}, ["Q4_0"], ["Q4_0"], {"a": a, "b": b}, act_kld={"Q8_0": 0.005})
+    assert math.isclose(m.act_scale()["Q8_0"], (0.005 - 0.001) / (0.2 * 0.01))
+    assert math.isclose(m.estimate("a", "Q4_0"), 0.02 + (0.004 / 0.002) * 0.2 * 0.01)
+    assert math.isclose(m.estimate("b", "Q4_0"), 0.01 + 0.001)
 
 
 def test_estimate_above_the_references_uses_their_slope_clamped():
     t = _tensor({"Q4_0": 0.01, "Q8_0": 0.0001}, errors={"Q2_K": 1.0, "Q4_0": 0.1, "Q8_0": 0.01})
+    assert math.isclose(t.estimate("Q8_0"), 0.0001) and math.isclose(t.estimate("Q4_0"), 0.01)
     # slope between the references is 2 (0.0001 -> 0.01 over 0.01 -> 0.1): Q2_K is one decade higher
     assert math.isclose(t.estimate("Q2_K"), 0.01 * 10 ** 2)
 

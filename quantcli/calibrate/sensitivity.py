@@ -13,10 +13,13 @@ Two measurements per quantizable tensor t (the block's linears, the token embedd
    err(t, q) = err_w(t, q) + err_act(t, act(q)). The token embedding of a model with a tied
    output is weighted by the head's input (its output role); without an imatrix entry, imp = 1.
 
-2. **Effect on the output distribution**: the model is run with t alone quantized to each
-   reference type (Q4_0, and Q2_K where its blocks fit), and the mean KL divergence of the final
+2. **Effect on the output distribution**: the model is run with t alone quantized to the
+   reference type (Q4_0; `references` may add more), and the mean KL divergence of the final
    distribution from the unquantized model's is measured on the scored positions of a few
-   calibration chunks. Every tensor is a stream of hidden states that splits off the clean one
+   calibration chunks. Where t's candidates round its inputs in more than one way (K-quants and
+   IQ types to Q8_K, the 32-blocks to Q8_0), each rounding of t's inputs alone is measured the same
+   way (weights float); one stream per rounding with every input rounded (and the head's) gives
+   the rest (`allocate.Measurement.act_scale`). Every tensor is a stream of hidden states that splits off the clean one
    at its layer and is carried, layer by layer, to the head (memory: one layer's weights and
    `n_streams * tokens * n_embd` floats; the streams are checkpointed with the hidden states).
 
@@ -50,12 +53,13 @@ DEFAULT_CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
                       "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0", "F16")
 # types llama-quantize refuses without an imatrix (tensor_requires_imatrix), except for embeddings/output
 IMATRIX_ONLY = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"})
-REFERENCES = ("Q4_0", "Q2_K")  # the types each tensor's effect on the output is measured at
+REFERENCES = ("Q4_0",)  # the types each tensor's effect on the output is measured at
 UNQUANTIZED = frozenset({"F32"})
 MAX_ERROR_ROWS = 8192  # rows measured per tensor and type (evenly spaced; the rest is scaled)
 POSITIONS = 128  # scored positions per chunk whose KL divergence is measured
 TOP_K = 2048  # tokens per position the KL divergence is summed over (the base's most likely)
 HEAD_NAMES = ("token_embd.weight", "output.weight")
+FLOAT_ACTS = frozenset({"F32", "F16", "BF16"})  # activation "roundings" too small to measure
 
 
 @dataclass
@@ -67,10 +71,9 @@ class TensorSensitivity:
     errors: dict[str, float]  # type -> err_w(t, q) (sum over rows of imp-weighted squared error)
     act_errors: dict[str, float]  # activation type -> err_act(t, act)
     kld: dict[str, float] = field(default_factory=dict)  # reference type -> measured mean KLD
-
-    def error(self, type_name: str) -> float:
-        """err(t, q): the weight error of q plus the rounding error of q's activations."""
-        return self.errors[type_name] + self.act_errors.get(activation_type(type_name), 0.0)
+    # activation type -> measured mean KLD of this tensor's inputs alone rounded to it (weights
+    # float), where its candidates bring more than one rounding (K-quants' Q8_K, the rest's Q8_0)
+    act_kld: dict[str, float] = field(default_factory=dict)
 
 
 def check_candidates(candidates: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -213,10 +216,19 @@ class SensitivityObserver(Observer, name="sensitivity"):
                     for c in range(probe.n_chunks):
                         stream[c] = model.layer(il, edited, probe.input(c))
                     self.streams_[f"{name}|{ref}"] = stream
+                acts = sorted({activation_type(t) for t in types} - FLOAT_ACTS)
+                for a in acts if len(acts) > 1 else ():  # a choice of roundings: each one measured
+                    m = copy.copy(model)
+                    m.act_quant = True
+                    m.act_types = {n: (a if n == name else "F32") for n in names.values()}
+                    stream = np.empty((probe.n_chunks,) + probe.input(0).shape, np.float32)
+                    for c in range(probe.n_chunks):
+                        stream[c] = m.layer(il, weights, probe.input(c))
+                    self.streams_[f"{name}|act:{a}"] = stream
 
     def _act_types(self) -> list[str]:
         """The activation roundings the candidates bring (each measured by a stream of its own)."""
-        return sorted({activation_type(t) for t in self.candidates} - {"F32", "F16", "BF16"})
+        return sorted({activation_type(t) for t in self.candidates} - FLOAT_ACTS)
 
     def _rounds(self, name: str, shape: tuple[int, ...], act: str) -> bool:
         """Whether a candidate of this tensor rounds its inputs to `act`."""
@@ -300,6 +312,8 @@ class SensitivityObserver(Observer, name="sensitivity"):
             name, ref = key.split("|")
             if name == "act":
                 self.act_kld_[ref] = v
+            elif ref.startswith("act:"):
+                self.tensors_[name].act_kld[ref[4:]] = v
             else:
                 self.tensors_[name].kld[ref] = v
 
@@ -433,10 +447,10 @@ def _kl(p: np.ndarray, tail: np.ndarray, a: np.ndarray, z: np.ndarray) -> np.nda
 
 def _pack(t: TensorSensitivity) -> str:
     return json.dumps({"name": t.name, "shape": list(t.shape), "errors": t.errors, "act": t.act_errors,
-                       "kld": t.kld})
+                       "kld": t.kld, "act_kld": t.act_kld})
 
 
 def _unpack(text: str) -> TensorSensitivity:
     d = json.loads(text)
-    return TensorSensitivity(d["name"], tuple(d["shape"]), d["errors"], d["act"], d["kld"])
+    return TensorSensitivity(d["name"], tuple(d["shape"]), d["errors"], d["act"], d["kld"], d["act_kld"])
 

@@ -86,7 +86,7 @@ def measure(reader: Any, imatrix: imatrix_file.Imatrix | None, imatrix_sha256: s
     run_calibration(model, tokens, RunOptions(ctx=ctx, chunks=chunks, checkpoint_dir=checkpoint_dir,
                                               keep_checkpoints=keep_checkpoints, kind="sensitivity"),
                     [obs], progress, log)
-    tensors = {n: allocate.TensorMeasurement(t.name, t.shape, t.errors, t.act_errors, t.kld)
+    tensors = {n: allocate.TensorMeasurement(t.name, t.shape, t.errors, t.act_errors, t.kld, t.act_kld)
                for n, t in obs.result().items()}
     return Measurement(
         model={"file": Path(reader.path).name, "fingerprint": model_fingerprint(reader)},

@@ -127,3 +127,20 @@ def test_the_activation_stream_is_the_engines_kld_of_rounded_inputs(model):
         opts = PerplexityOptions(ctx=CTX, chunks=CHUNKS, act_quant=False)
         want = perplexity(rounded, _tokens(), opts, base=Model(r, act_quant=False)).kld_mean
     assert want > 0 and obs.act_kld_["Q8_0"] == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("act", ["Q8_K", "Q8_0"])
+def test_a_tensor_with_a_choice_of_roundings_has_each_measured_alone(tmp_path, act):
+    model = write_model(tmp_path / "k.gguf", "llama", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+    with open_model(model) as r:
+        obs = SensitivityObserver(candidates=("Q4_K", "Q4_0", "Q8_0"), references=("Q4_0",))
+        run_calibration(Model(r, act_quant=False), _tokens(), RunOptions(ctx=CTX, chunks=CHUNKS), [obs])
+        got = obs.result()["blk.1.ffn_up.weight"].act_kld
+        assert set(got) == {"Q8_K", "Q8_0"}
+        rounded = Model(r, act_quant=True)
+        rounded.act_types = {n: "F32" for n, i in r.tensors.items() if len(i.shape) == 2}
+        rounded.act_types["blk.1.ffn_up.weight"] = act
+        opts = PerplexityOptions(ctx=CTX, chunks=CHUNKS, act_quant=False)
+        want = perplexity(rounded, _tokens(), opts, base=Model(r, act_quant=False)).kld_mean
+    assert want > 0 and got[act] == pytest.approx(want, rel=1e-3)
+    assert not obs.result()["token_embd.weight"].act_kld  # the head is in the all-rounded stream
