@@ -211,7 +211,7 @@ def make_mix(base: Plan, m: Measurement, target: Target, candidates: tuple[str, 
                    f"{8 * lo / base.params:.3f} to {8 * hi / base.params:.3f} bpw")
             raise InfeasibleTarget(f"target {shown} is out of reach: the {what} can be {rng} with these "
                                    f"candidates; the nearest preset is {near} "
-                                   f"({allocate.format_size(sizes.get(near, 0) + header_note)})",
+                                   f"(about {allocate.format_size(sizes.get(near, 0) + header_note)})",
                                    hint="choose a target in the reachable range")
         sol = allocate.solve(pairs, budget - offset)
         assert sol is not None  # budget >= lo
