@@ -4,11 +4,9 @@ are bars of their own ("embd" first, "out" and "other" last). Matplotlib, the `p
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import Any
 
-from quantcli.errors import OutputError
+from quantcli.pipelines.png import save_png
 from quantcli.pipelines.report import Report
 
 MAX_TICKS = 40  # label every k-th layer beyond this many bars
@@ -22,25 +20,6 @@ def columns(rep: Report) -> list[tuple[str, float, float | None]]:
     cols += [(str(r.layer), r.bpw, r.estimated_kld) for r in rep.layers]
     cols += [(g, groups[g].bpw, groups[g].estimated_kld) for g in GROUPS[1:] if g in groups]
     return cols
-
-
-def save_png(fig: Any, path: Path, dpi: int = 110) -> None:
-    """Render `fig` (then close it) and write the PNG atomically: a temporary file beside `path`,
-    fsynced, renamed."""
-    import matplotlib.pyplot as plt
-
-    from quantcli.formats.atomic import atomic_write
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
-    try:
-        with atomic_write(Path(path)) as fh:
-            fh.write(buf.getvalue())
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plot: {exc.strerror}") from None
 
 
 def plot_layers(rep: Report, path: Path) -> None:

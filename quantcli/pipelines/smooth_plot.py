@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantcli.errors import OutputError
+from quantcli.pipelines.png import save_png
 
 WORST = 4  # panels: the (layer, mapping) pairs with the largest outlier ratio before smoothing
 
@@ -26,10 +26,6 @@ def plot_maxima(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import io
-
-    from quantcli.formats.atomic import atomic_write
-
     panels = worst_inputs(doc)
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
     for ax, (il, name, m) in zip(axes[:, 0], panels):
@@ -43,13 +39,4 @@ def plot_maxima(doc: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"SmoothQuant alpha {doc['alpha']}: per-channel activation maxima", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    try:
-        with atomic_write(Path(path)) as fh:
-            fh.write(buf.getvalue())
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write the plot: {exc.strerror}") from None
+    save_png(fig, path)
