@@ -118,11 +118,15 @@ class Mix:
     estimates: dict[str, float]  # per optimised tensor
 
     def recipe(self) -> dict[str, Any]:
-        """The output's quantcli.allocation.* metadata (fixed-size values: the header's length does
-        not depend on the solution)."""
         kld = np.array([self.estimates.get(p.info.name, 0.0) for p in self.plan], np.float32)
-        return {"allocation.target": self.target.text, "allocation.estimate_kld": float(np.float32(self.estimate)),
-                "allocation.measurement_sha256": self.measurement_sha256, "allocation.tensor_kld": kld}
+        return recipe(self.target, self.estimate, self.measurement_sha256, kld)
+
+
+def recipe(target: Target, estimate: float, measurement_sha256: str, tensor_kld: np.ndarray) -> dict[str, Any]:
+    """The output's quantcli.allocation.* metadata. Its values have fixed sizes (a float32, a
+    sha256, one float32 per tensor), so the header's length does not depend on the solution."""
+    return {"allocation.target": target.text, "allocation.estimate_kld": float(np.float32(estimate)),
+            "allocation.measurement_sha256": measurement_sha256, "allocation.tensor_kld": tensor_kld}
 
 
 def is_fixed(p: PlannedTensor) -> bool:
@@ -134,7 +138,7 @@ def padded(nbytes: int, alignment: int) -> int:
     return -(-nbytes // alignment) * alignment
 
 
-def preset_sizes(reader: Any, plan_for: Callable[[str], Plan | None]) -> dict[str, int]:
+def preset_sizes(plan_for: Callable[[str], Plan | None]) -> dict[str, int]:
     """Tensor bytes (unpadded) of each preset that plans for this model."""
     out = {}
     for name in PRESETS:

@@ -263,7 +263,7 @@ def _automatic(job: "_Run", target: "allocation.Target"):
         except UsageError:
             return None
 
-    sizes = allocation.preset_sizes(reader, plan_for)
+    sizes = allocation.preset_sizes(plan_for)
     base_preset = opts.preset
     if base_preset is None and opts.profile is None:  # the preset nearest the target gives the file type
         q8 = make_plan(reader, replace(opts, preset="Q8_0"), imatrix, job.warn)
@@ -333,30 +333,28 @@ def _measure(job: "_Run", imatrix, imatrix_sha: str | None):
 def _header_bytes(job: "_Run", plan: Plan, target: "allocation.Target", opts: QuantizeOptions) -> int:
     """The output's header length for this target: the same whatever types the tensors get (the
     allocation metadata has fixed-size values)."""
-    from quantcli.formats.gguf import gguf_layout
-
-    n = len(plan.tensors)
-    placeholder = {"allocation.target": target.text, "allocation.estimate_kld": 0.0,
-                   "allocation.measurement_sha256": "0" * 64,
-                   "allocation.tensor_kld": np.zeros(n, np.float32)}
+    placeholder = allocation.recipe(target, 0.0, "0" * 64, np.zeros(len(plan.tensors), np.float32))
     if opts.save_profile is not None:
         placeholder.update({"profile": Path(opts.save_profile).name, "profile.sha256": "0" * 64})
     probe = _Run(job.reader, opts, plan, job.imatrix, job.step, job.warn, job.source_hash,
                  {**job.recipe, **placeholder})
-    meta = output_metadata(probe, "0" * 64, run_date())
-    specs = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in plan]
-    header, _, _ = gguf_layout(meta, specs, getattr(job.reader, "alignment", 32))
-    return len(header)
+    return _layout(probe)[0]
 
 
 def _file_bytes(job: "_Run") -> int:
     """The output file's size: the header and every tensor at its aligned offset."""
+    header, data = _layout(job)
+    return header + data
+
+
+def _layout(job: "_Run") -> tuple[int, int]:
+    """(header bytes, data bytes) of the file this run writes, its source hash not yet known."""
     from quantcli.formats.gguf import gguf_layout
 
     meta = output_metadata(job, "0" * 64, run_date())
     specs = [(p.info.name, p.info.shape, GGMLQuantizationType[p.type]) for p in job.plan]
     header, _, data = gguf_layout(meta, specs, getattr(job.reader, "alignment", 32))
-    return len(header) + data
+    return len(header), data
 
 
 def _allocation_json(mix: "allocation.Mix", opts: QuantizeOptions) -> dict[str, Any]:
