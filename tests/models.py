@@ -9,7 +9,7 @@ untied output, F32 or F16), and the partial 4-tensor model the format and report
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import gguf
@@ -55,6 +55,7 @@ def write_model(
     scale: float = 0.15,  # standard deviation of the 2-D weights; norms are 1 + N(0, 0.1^2)
     zero_output: bool = False,  # an all-zero output.weight (untied): uniform logits
     tensors: Collection[str] | None = None,  # keep only these names (a partial model); None: all
+    edit: Callable[[str, np.ndarray], np.ndarray] | None = None,  # (name, float32 array) -> the array written
 ) -> Path:
     """A random model of `arch`: 2-D weights N(0, scale^2), norms near 1, one generator drawn in
     file order (token_embd, output_norm, output, then each layer), so a model's weights depend
@@ -100,6 +101,8 @@ def write_model(
     def add(name: str, arr: np.ndarray, weight: bool = False) -> None:
         if tensors is not None and name not in tensors:
             return
+        if edit is not None:
+            arr = edit(name, arr)
         if not weight or dtype == "F32":
             w.add_tensor(name, arr)
         elif dtype == "F16":

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from quantcli.calibrate import imatrix_file as imf
+from quantcli.calibrate import outliers
 from quantcli.calibrate.runner import Observer, RunOptions, run_calibration
 from quantcli.engine.model import Model
 from quantcli.engine.perplexity import PerplexityOptions, head_pass
@@ -52,6 +53,7 @@ class ImatrixOptions:
     hidden_path: Path | None = None  # scratch file to memory-map the hidden states (removed after)
     kv_f16: bool = True  # engine: fp16 KV cache like llama.cpp
     act_quant: bool = True  # engine: round matmul inputs like ggml-cpu (no effect on F32 weights)
+    super_weights: bool = False  # also find and confirm super weights (calibrate/superweights.py)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,14 @@ def collect(model: Model, tokens: np.ndarray | list[int], options: ImatrixOption
     alongside (they share the forward pass and the checkpoints)."""
     report = progress_or_noop(progress)
     imatrix = ImatrixObserver(process_output=options.process_output)
+    observers = list(observers)
+    detector = None
+    if options.super_weights:
+        from quantcli.calibrate.superweights import SuperWeightObserver
+
+        detector = SuperWeightObserver()
+        detector.progress = report
+        observers.append(detector)
     run_options = RunOptions(ctx=options.ctx, chunks=options.chunks, skip_chunks=options.skip_chunks,
                              min_ctx=MIN_ROWS, checkpoint_dir=options.checkpoint_dir,
                              keep_checkpoints=options.keep_checkpoints, hidden_path=options.hidden_path,
@@ -185,14 +195,16 @@ def collect(model: Model, tokens: np.ndarray | list[int], options: ImatrixOption
                                       np.array([collector.counts[name]], np.float32))
                for name in sorted(collector.sums)}
     chunk_count = max((c for c in collector.counts.values()), default=0) // ctx
-    result = imf.Imatrix(entries, [options.dataset] if options.dataset else [], chunk_count, ctx)
+    result = imf.Imatrix(entries, [options.dataset] if options.dataset else [], chunk_count, ctx,
+                         outliers=detector.result() if detector is not None else None)
     return ImatrixResult(result, n_chunks, n_chunks * ctx, run.seconds, run.resumed_layers, ppl)
 
 
 def merge(base: imf.Imatrix | None, others: list[imf.Imatrix], chunk_size: int) -> imf.Imatrix:
     """IMatrixCollector::load_imatrix applied to each of `others` in turn, then `base` (this
     run's statistics) added as collection would: sums and counts added, legacy files' values
-    times chunk_size, datasets concatenated (loaded files first), chunk_count = max count / chunk_size."""
+    times chunk_size, datasets concatenated (loaded files first), chunk_count = max count / chunk_size;
+    super-weight records combined (`outliers.merge`)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     datasets: list[str] = []
@@ -230,7 +242,8 @@ def merge(base: imf.Imatrix | None, others: list[imf.Imatrix], chunk_size: int) 
     max_count = max(float(c.max()) for c in counts.values())
     entries = {n: imf.ImatrixEntry(sums[n].astype(np.float32).reshape(counts[n].size, -1),
                                    counts[n].astype(np.float32)) for n in sorted(sums)}
-    return imf.Imatrix(entries, datasets, int(max_count // chunk_size), chunk_size)
+    found = outliers.merge([o.outliers for o in others] + ([base.outliers] if base is not None else []))
+    return imf.Imatrix(entries, datasets, int(max_count // chunk_size), chunk_size, outliers=found)
 
 
 def compute(model: Any, text: str | None, options: ImatrixOptions = ImatrixOptions(),

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
+from quantcli.calibrate.outliers import Outliers
 from quantcli.errors import InputError
 from quantcli.formats import open_model
 from quantcli.formats.atomic import atomic_write
@@ -44,6 +45,7 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     is_legacy: bool = False
+    outliers: Outliers | None = None  # super weights and massive activations (imatrix --super-weights)
 
     def importance(self, name: str) -> np.ndarray | None:
         """float32 (n_mat * n_per_row,) per-column weights as llama-quantize computes them."""
@@ -64,7 +66,7 @@ class Imatrix:
         entries = {n: e for n, e in self.entries.items() if not any(s in n for s in exclude)}
         if include:
             entries = {n: e for n, e in entries.items() if any(s in n for s in include)}
-        return Imatrix(entries, self.datasets, self.chunk_count, self.chunk_size, self.is_legacy)
+        return Imatrix(entries, self.datasets, self.chunk_count, self.chunk_size, self.is_legacy, self.outliers)
 
 
 def load(path: Path) -> Imatrix:
@@ -105,7 +107,7 @@ def _load_gguf(path: Path) -> Imatrix:
             raise InputError(f"{path}: missing imatrix metadata (imatrix.datasets, chunk_count, "
                              "chunk_size)")
         return Imatrix(entries, list(datasets), int(m.meta("imatrix.chunk_count", 0)),
-                       int(m.meta("imatrix.chunk_size", 0)))
+                       int(m.meta("imatrix.chunk_size", 0)), outliers=Outliers.from_meta(m.meta, str(path)))
 
 
 def _load_legacy(path: Path) -> Imatrix:
@@ -145,13 +147,16 @@ def _load_legacy(path: Path) -> Imatrix:
 
 
 def save_gguf(imatrix: Imatrix, out: Path) -> None:
-    """Write llama-imatrix's GGUF format, atomically."""
+    """Write llama-imatrix's GGUF format, atomically (with the super-weight records, if any, in
+    `quantcli.*` metadata that llama.cpp ignores)."""
     meta = {
         "general.type": KV(GGUFValueType.STRING, "imatrix"),
         "imatrix.datasets": KV(GGUFValueType.ARRAY, list(imatrix.datasets), GGUFValueType.STRING),
         "imatrix.chunk_count": KV(GGUFValueType.UINT32, int(imatrix.chunk_count)),
         "imatrix.chunk_size": KV(GGUFValueType.UINT32, int(imatrix.chunk_size)),
     }
+    if imatrix.outliers is not None:
+        meta.update(imatrix.outliers.to_kv())
     tensors, arrays = [], []
     for name in sorted(imatrix.entries):
         e = imatrix.entries[name]

@@ -164,6 +164,7 @@ def _load_observers() -> None:
     import quantcli.calibrate.imatrix  # noqa: F401  (registers "imatrix")
     import quantcli.calibrate.sensitivity  # noqa: F401  (registers "sensitivity")
     import quantcli.calibrate.smooth  # noqa: F401  (registers "smooth")
+    import quantcli.calibrate.superweights  # noqa: F401  (registers "superweights")
 
 
 @dataclass(frozen=True)

@@ -205,10 +205,14 @@ class Model:
         g = linear("ffn_gate", h)  # [T, n_ff]
         u = linear("ffn_up", h)
         h = gelu(g, times=u) if cfg.act == "gelu" else silu(g) * u
-        h = linear("ffn_down", h)  # [T, n_embd]
-        if cfg.post_norms:
-            h = rms_norm(h, w["post_ffw_norm"], cfg.norm_eps)
-        return x + h
+        return x + self.ffn_residual(w, linear("ffn_down", h))
+
+    def ffn_residual(self, w: dict[str, np.ndarray], y: np.ndarray) -> np.ndarray:
+        """What the feed-forward block adds to the residual stream, from ffn_down's output y:
+        y itself, or y through the post-feed-forward norm (gemma3)."""
+        if self.config.post_norms:
+            return rms_norm(y, w["post_ffw_norm"], self.config.norm_eps)
+        return y
 
     def final_norm(self, x: np.ndarray) -> np.ndarray:
         if not hasattr(self, "_output_norm"):
