@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from quantcli.cli.app import app
 from quantcli.cli.common import boundary, err
+from quantcli.cli.report import render_super_weights
 from quantcli.pipelines import imatrix as pipeline
 
 
@@ -28,13 +29,15 @@ def imatrix(
     process_output: bool = typer.Option(False, "--process-output", help="Also collect output.weight."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Layer checkpoints (default: OUT.checkpoints)."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
+    super_weights: bool = typer.Option(False, "--super-weights", help="Also find super weights and massive "
+                                       "activations, confirm each by zeroing it, and record them in OUT."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Importance matrix (llama-imatrix's statistic) from a calibration text; resumable per layer."""
     opts = pipeline.ImatrixRunOptions(model, text, output, chunks, ctx, output_format, tuple(in_file),
-                                      process_output, checkpoint_dir, keep_checkpoints, force)
+                                      process_output, checkpoint_dir, keep_checkpoints, force, super_weights)
 
     def warn(msg: str) -> None:
         if not quiet and not as_json:
@@ -65,9 +68,14 @@ def imatrix(
     summary = {"output": str(output), "entries": len(result.imatrix.entries), "chunks": result.chunks,
                "tokens": result.tokens, "seconds": round(result.seconds, 3),
                "tokens_per_second": round(result.tokens_per_second, 1), "resumed_layers": result.resumed_layers}
+    found = result.imatrix.outliers if super_weights else None
+    if found is not None:
+        summary["super_weights"] = found.to_json()
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
     elif not quiet:
         err.print(f"wrote {output}: {summary['entries']} entries from {result.chunks} chunks "
                   f"({result.tokens} tokens, {summary['tokens_per_second']} tok/s)"
                   + (f", resumed {result.resumed_layers} layers" if result.resumed_layers else ""))
+        if found is not None:
+            render_super_weights(found)

@@ -39,6 +39,16 @@ def render_plan(result: pipeline.QuantizeResult) -> None:
               + (f", {result.fallbacks} fallback(s)" if result.fallbacks else ""))
     if estimates:
         out.print(_mix_line(result))
+    if result.protected is not None:
+        out.print(escape(_protected_line(result)))
+
+
+def _protected_line(result: pipeline.QuantizeResult) -> str:
+    if not result.protected:
+        return "super weights: none protected (none confirmed, or their tensors already have enough bits)"
+    parts = [f"{p['tensor']} -> {p['type']} (" + ", ".join(f"[{s['row']}, {s['col']}]" for s in p["super_weights"]) + ")"
+             for p in result.protected]
+    return f"super weights: protected {len(parts)} tensor(s): " + "; ".join(parts)
 
 
 def _mix_line(result: pipeline.QuantizeResult) -> str:
@@ -77,6 +87,11 @@ def quantize(
     calib_chunks: int = typer.Option(64, "--calib-chunks", help="Chunks of the imatrix computed from --calib."),
     sensitivity_chunks: int = typer.Option(2, "--sensitivity-chunks", help="Chunks of --calib whose KL divergence measures each tensor."),
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per calibration chunk of the automatic mix's analysis."),
+    protect_super_weights: bool = typer.Option(False, "--protect-super-weights", help="Give the tensors that hold the "
+                                               "--imatrix's confirmed super weights (imatrix --super-weights) at least "
+                                               "--super-weight-type."),
+    super_weight_type: Optional[str] = typer.Option(None, "--super-weight-type", help="Type of the protected tensors "
+                                                    f"(default {pipeline.DEFAULT_SUPER_WEIGHT_TYPE}; never lowers one)."),
     threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -98,6 +113,7 @@ def quantize(
         target_size=target_size, target_bpw=target_bpw, max_kld=max_kld, calib=calib,
         candidates=tuple(c for c in (candidates or "").split(",") if c.strip()), measurement=measurement,
         save_profile=save_profile, calib_chunks=calib_chunks, sensitivity_chunks=sensitivity_chunks, ctx=ctx,
+        protect_super_weights=protect_super_weights, super_weight_type=super_weight_type,
     )
 
     def warn(msg: str) -> None:
@@ -116,3 +132,5 @@ def quantize(
                   f"{result.seconds:.1f} s{resumed}")
         if result.allocation is not None:
             err.print(_mix_line(result))
+        if result.protected is not None:
+            err.print(escape(_protected_line(result)))

@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from quantcli.cli.app import app
+from quantcli.calibrate.outliers import Outliers
 from quantcli.cli.common import boundary, out, progress_bar
 from quantcli.errors import UsageError
+from quantcli.pipelines import imatrix_report
 from quantcli.pipelines import report as pipeline
 
 
@@ -87,6 +90,77 @@ def render(rep: pipeline.Report, show_tensors: bool) -> None:
               f"{tot.ratio_vs_f32:.2f}× smaller than F32")
 
 
+def render_imatrix(rep: imatrix_report.ImatrixReport) -> None:
+    out.print(f"[bold]{escape(rep.file)}[/] (imatrix, {rep.format}): {rep.entries} entries, {rep.chunk_count} "
+              f"chunks of {rep.chunk_size}" + (f", datasets: {escape(', '.join(rep.datasets))}" if rep.datasets else ""))
+    found = rep.outliers
+    if rep.importance is not None:
+        t = Table(title="importance per layer (mean over columns, of the kind's largest layer; ffn_down: max and "
+                  "its column)", pad_edge=False)
+        heads = {"attn_q": "q/k/v", "attn_output": "attn_out", "ffn_up": "gate/up", "ffn_down": "down"}
+        for col in ("layer", *(heads[k] for k in imatrix_report.KINDS), "down max", "col", "super weights",
+                    "massive"):
+            t.add_column(col, justify="left" if col in ("super weights", "massive") else "right")
+        for layer in rep.layers():
+            cells = [rep.cell(layer, k) for k in imatrix_report.KINDS]
+            down = rep.cell(layer, "ffn_down")
+            sws = [s for s in (found.super_weights if found else []) if s.layer == layer]
+            massive = [m for m in (found.massive if found else []) if m.layer == layer]
+            t.add_row(str(layer), *("-" if c is None else f"{c.mean_norm:.3f}" for c in cells),
+                      "-" if down is None else f"{down.max:.4g}", "-" if down is None else str(down.max_channel),
+                      ", ".join(f"{'[red]' if s.confirmed else ''}[{s.row}, {s.col}]{'[/]' if s.confirmed else ''}"
+                                for s in sws),
+                      ", ".join(f"{m.channel} ({m.value:,.0f})" for m in massive))
+        out.print(t)
+        rest = [r for r in rep.importance if r.layer is None]
+        for r in rest:
+            out.print(f"{r.name}: mean {r.mean:.4g}, max {r.max:.4g} (column {r.max_channel})")
+    if found is None:
+        out.print("no super-weight records (make them with: quantcli imatrix --super-weights)")
+    else:
+        render_super_weights(found)
+
+
+def render_super_weights(found: Outliers) -> None:
+    """The super weights (confirmed, then candidates) and the massive activations."""
+    if not found.super_weights:
+        out.print(escape(found.none_found()))
+    else:
+        t = Table(title="super weights", pad_edge=False)
+        for col, just in (("tensor", "left"), ("row", "right"), ("col", "right"), ("value", "right"),
+                          ("spike", "right"), ("share", "right"), ("effect", "right"), ("control", "right"),
+                          ("", "left")):
+            t.add_column(col, justify=just)
+        for s in found.super_weights:
+            t.add_row(s.tensor, str(s.row), str(s.col), f"{s.value:.4g}", f"{s.spike:,.0f}x", f"{100 * s.share:.0f}%",
+                      _effect(s.effect), _effect(s.control), "confirmed" if s.confirmed else "candidate")
+        out.print(t)
+        th = found.thresholds
+        out.print(f"{len(found.confirmed)} confirmed, {len(found.candidates)} candidate(s); effect: perplexity change "
+                  f"when zeroed, on {found.confirm_chunks} chunk(s) (base {found.base_perplexity:.3f}); confirmed at "
+                  f">= {100 * th.min_effect:g}% and >= {th.control_factor:g}x the control ({th.control_weights} random "
+                  "weights of the tensor)")
+    if found.massive:
+        by_channel: dict[int, list[int]] = {}
+        for m in found.massive:
+            by_channel.setdefault(m.channel, []).append(m.layer)
+        peak = max(found.massive, key=lambda m: abs(m.value))
+        out.print("massive activations: " + "; ".join(
+            f"channel {ch} after blk.{_span(layers)}" for ch, layers in by_channel.items())
+            + f" (largest {peak.value:,.0f} = {peak.ratio:,.0f}x the median, channel {peak.channel} after "
+              f"blk.{peak.layer}, position {peak.position}, token {peak.token})")
+
+
+def _effect(v: float) -> str:
+    return "-" if v != v else f"{100 * v:+.2f}%"
+
+
+def _span(layers: list[int]) -> str:
+    layers = sorted(layers)
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}" if layers == list(
+        range(layers[0], layers[-1] + 1)) else ",".join(map(str, layers))
+
+
 @app.command()
 @boundary
 def report(
@@ -105,11 +179,30 @@ def report(
     measurement: Optional[Path] = typer.Option(None, "--measurement", help="Sensitivity measurement (JSON, quantize "
                                                "--measurement) whose estimates of each tensor's dKLD at its type "
                                                "replace the file's own."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of bits per weight and estimated dKLD per layer (needs matplotlib)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of bits per weight and estimated dKLD per layer "
+                                        "(an imatrix: of its importance per layer and the super weights; needs "
+                                        "matplotlib)."),
+    importance: bool = typer.Option(False, "--importance", help="An imatrix: per-layer importance of each tensor "
+                                    "(mean and max over columns, normalised), with the super weights and massive "
+                                    "activations."),
 ) -> None:
     """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata; the
     estimated KL divergence per tensor and layer of an automatic mix (or from --measurement);
     with --eval-text, perplexity (and KLD against --base)."""
+    if imatrix_report.is_imatrix(file):
+        others = [n for n, v in (("--eval-text", eval_text), ("--base", base), ("--simulate", simulate),
+                                 ("--calib", calib), ("--measurement", measurement)) if v is not None]
+        if others:
+            raise UsageError(f"{file} is an importance matrix: {', '.join(others)} apply to models")
+        irep = imatrix_report.run(file, importance, plot)
+        if as_json:
+            typer.echo(json.dumps(irep.to_json(), indent=1))
+        else:
+            render_imatrix(irep)
+        return
+    if importance:
+        raise UsageError("--importance reports an importance matrix (imatrix --super-weights makes one); "
+                         f"{file} is a model")
     if base is not None and eval_text is None:
         raise UsageError("--base needs --eval-text")
     if simulate is not None and eval_text is None:

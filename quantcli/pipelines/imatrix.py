@@ -33,6 +33,7 @@ class ImatrixRunOptions:
     checkpoint_dir: Path | None = None  # default: OUTPUT.checkpoints
     keep_checkpoints: bool = False
     force: bool = False
+    super_weights: bool = False  # find super weights and massive activations; recorded in the GGUF
 
 
 def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
@@ -43,6 +44,11 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
     fmt = opts.output_format.lower()
     if fmt not in ("gguf", "dat"):
         raise UsageError(f"unknown imatrix format '{opts.output_format}'; use gguf or dat")
+    if opts.super_weights and fmt != "gguf":
+        raise UsageError("--super-weights records what it finds in the GGUF imatrix format; the legacy .dat "
+                         "has no room for it", hint="drop --output-format dat")
+    if opts.super_weights and opts.text is None:
+        raise UsageError("--super-weights needs --text: super weights are found from activations")
     if opts.chunks < 1 or opts.ctx < 1:
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
@@ -52,11 +58,15 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
     ckpt = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
     options = calib.ImatrixOptions(ctx=opts.ctx, chunks=opts.chunks, process_output=opts.process_output,
                                    dataset=str(opts.text) if opts.text else "", in_files=tuple(opts.in_files),
-                                   checkpoint_dir=ckpt, keep_checkpoints=opts.keep_checkpoints)
+                                   checkpoint_dir=ckpt, keep_checkpoints=opts.keep_checkpoints,
+                                   super_weights=opts.super_weights)
     result = calib.compute(opts.model, text, options, progress, warn)
     if text is not None and result.chunks < opts.chunks:
         warn(f"the text holds only {result.chunks} chunk(s) of {opts.ctx} tokens; used {result.chunks} "
              f"instead of {opts.chunks}")
+    if fmt == "dat" and result.imatrix.outliers is not None:
+        warn("the legacy .dat format cannot hold the super-weight records of the --in-file imatrix files; "
+             "they are not in the output")
     save = imatrix_file.save_gguf if fmt == "gguf" else imatrix_file.save_legacy
     save(result.imatrix, opts.output)
     return result

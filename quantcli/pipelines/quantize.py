@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ import quantcli
 from quantcli import checkpoint, codecs
 from quantcli import plan as plan_mod
 from quantcli.calibrate import imatrix_file
+from quantcli.calibrate.outliers import SuperWeight
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import ModelReader, TensorSpec, Writer, create_writer
 from quantcli.formats.atomic import atomic_write, check_output, describe
@@ -42,6 +44,8 @@ from quantcli.plan import Plan, PlannedTensor, PlanOptions
 from quantcli.progress import collect_warnings
 
 QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+# what --protect-super-weights gives the tensors that hold super weights (measured: README, "Super weights")
+DEFAULT_SUPER_WEIGHT_TYPE = "Q4_K"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,9 @@ class QuantizeOptions:
     calib_chunks: int = 64  # chunks of the imatrix computed from --calib
     sensitivity_chunks: int = 2  # chunks of the KL divergence measurement
     ctx: int = 512
+    # super weights (imatrix --super-weights): the tensors that hold confirmed ones get at least this type
+    protect_super_weights: bool = False
+    super_weight_type: str | None = None  # default: DEFAULT_SUPER_WEIGHT_TYPE
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class QuantizeResult:
     warnings: list[str] = field(default_factory=list)
     allocation: dict[str, Any] | None = None  # an automatic mix: target, estimate, reachable range
     file_bytes: int | None = None  # the output file's size (a dry run: what it will be)
+    protected: list[dict[str, Any]] | None = None  # --protect-super-weights: tensor, type, its super weights
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +115,7 @@ class QuantizeResult:
             "file_type": self.file_type, "fallbacks": self.fallbacks,
             "resumed_units": self.resumed_units, "seconds": round(self.seconds, 3),
             "allocation": self.allocation,
+            "protected": self.protected,
             "warnings": self.warnings,
         }
 
@@ -204,6 +213,14 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
             imatrix = imatrix_file.load(opts.imatrix).filtered(list(opts.include_weights),
                                                                list(opts.exclude_weights))
         recipe = dict(recipe or {})
+        protected: dict[str, list[SuperWeight]] = {}
+        if opts.protect_super_weights:
+            protected, opts = _protect(reader, opts, imatrix, target is None, warn_)
+            if protected:
+                recipe["super_weights.protected"] = ",".join(protected)
+                recipe["super_weights.type"] = opts.super_weight_type
+        elif opts.super_weight_type is not None:
+            raise UsageError("--super-weight-type is the type of --protect-super-weights; pass that too")
         job = _Run(reader, opts, None, imatrix, progress_or_noop(progress), warn_,  # type: ignore[arg-type]
                    early_hash or _Background(source_sha256, reader), recipe)
         mix = None
@@ -220,11 +237,14 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
             if profile is not None:
                 recipe["profile"] = Path(opts.save_profile).name
                 recipe["profile.sha256"] = allocation.file_hash_of(profile)
+        if protected:
+            plan = _labelled(plan, protected)
         job.plan = plan
         summary = dict(plan=plan.tensors, params=plan.params, bytes=plan.bytes, bpw=plan.bpw,
                        file_type=plan.file_type, fallbacks=plan.fallbacks,
                        allocation=_allocation_json(mix, opts) if mix else None,
-                       file_bytes=_file_bytes(job))
+                       file_bytes=_file_bytes(job),
+                       protected=_protected_json(plan, protected) if opts.protect_super_weights else None)
         if opts.dry_run:
             return QuantizeResult(output=None, seconds=time.perf_counter() - start,
                                   warnings=warnings, **summary)
@@ -234,6 +254,73 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                 fh.write(profile.encode())
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
+
+
+# -- super weights -------------------------------------------------------------------------------
+
+
+def _protect(reader: ModelReader, opts: QuantizeOptions, imatrix: imatrix_file.Imatrix | None, raise_only: bool,
+             warn: Callable[[str], None]) -> tuple[dict[str, list[SuperWeight]], QuantizeOptions]:
+    """The tensors that hold the imatrix's confirmed super weights and the options that give them
+    --super-weight-type: a --tensor-type rule after the user's own (which win where they match).
+    With raise_only (a preset or profile), only where the plan has fewer bytes than that type; an
+    automatic mix takes them as fixed."""
+    from quantcli.presets import ggml_type_name
+
+    sw_type = ggml_type_name(opts.super_weight_type or DEFAULT_SUPER_WEIGHT_TYPE, "--super-weight-type")
+    opts = replace(opts, super_weight_type=sw_type)
+    if opts.imatrix is None or imatrix is None:
+        raise UsageError("--protect-super-weights reads the super weights from the importance matrix: pass "
+                         "--imatrix FILE", hint="make one with: quantcli imatrix MODEL --text TEXT --super-weights -o FILE")
+    found = imatrix.outliers
+    if found is None:
+        raise UsageError(f"{opts.imatrix}: no super-weight records in this imatrix",
+                         hint="make it with: quantcli imatrix MODEL --text TEXT --super-weights -o FILE")
+    by_tensor: dict[str, list[SuperWeight]] = {}
+    for s in found.confirmed:
+        info = reader.tensors.get(s.tensor)
+        if info is None or len(info.shape) != 2 or not (s.row < info.shape[0] and s.col < info.shape[1]):
+            raise InputError(f"{opts.imatrix}: super weight {s.tensor}[{s.row}, {s.col}] is not in this model's "
+                             "tensors; the imatrix was made from another model")
+        by_tensor.setdefault(s.tensor, []).append(s)
+    if not by_tensor:
+        warn(f"{opts.imatrix}: no confirmed super weights (" + (found.none_found() if not found.super_weights else
+             f"{len(found.candidates)} candidate(s) below the threshold") + "); nothing to protect")
+        return {}, opts
+    types = {}
+    for n in by_tensor:  # the type's blocks must divide the rows; else Q8_0's blocks of 32
+        cols = reader.tensors[n].shape[-1]
+        types[n] = next((t for t in (sw_type, "Q8_0") if cols % codecs.get_codec(t).block_size == 0), None)
+        if types[n] is None:
+            warn(f"{n}: rows of {cols} fit neither {sw_type} nor Q8_0 blocks; its super weights are not protected")
+        elif types[n] != sw_type:
+            warn(f"{n}: rows of {cols} do not fit {sw_type} blocks; protected as Q8_0")
+    by_tensor = {n: v for n, v in by_tensor.items() if types[n] is not None}
+    if raise_only:
+        plan = make_plan(reader, opts, imatrix, lambda _m: None)
+        planned = {p.info.name: p for p in plan}
+        by_tensor = {n: v for n, v in by_tensor.items()
+                     if plan_mod.tensor_bytes(planned[n].info, types[n]) > planned[n].nbytes}
+    rules = tuple((f"^{re.escape(n)}$", types[n]) for n in by_tensor)
+    return by_tensor, replace(opts, tensor_types=tuple(opts.tensor_types) + rules)
+
+
+def _labelled(plan: Plan, protected: dict[str, list[SuperWeight]]) -> Plan:
+    """The plan with the protected tensors' reasons saying why (where the protection rule chose)."""
+    out = []
+    for p in plan:
+        sws = protected.get(p.info.name)
+        if sws and p.reason == f"--tensor-type ^{re.escape(p.info.name).lower()}$={p.type}":
+            where = ", ".join(f"[{s.row}, {s.col}] ({100 * s.effect:+.1f}% ppl zeroed)" for s in sws)
+            p = replace(p, reason=f"protected: super weight{'s' if len(sws) > 1 else ''} {where} -> {p.type}")
+        out.append(p)
+    return replace(plan, tensors=out)
+
+
+def _protected_json(plan: Plan, protected: dict[str, list[SuperWeight]]) -> list[dict[str, Any]]:
+    types = {p.info.name: p.type for p in plan}
+    return [{"tensor": n, "type": types[n], "super_weights": [
+        {"row": s.row, "col": s.col, "value": s.value, "effect": s.effect} for s in sws]} for n, sws in protected.items()]
 
 
 # -- automatic mixes -------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def _check_schema(doc: dict) -> None:
     """Every key of quantcli.quantize/1 and its type (bool is not an int here)."""
     types = {"schema": str, "output": (str, type(None)), "dry_run": bool, "tensors": list, "params": int,
              "bytes": int, "bpw": float, "file_bytes": int, "file_type": int, "fallbacks": int,
-             "resumed_units": int, "seconds": float, "allocation": type(None), "warnings": list}
+             "resumed_units": int, "seconds": float, "allocation": type(None), "protected": type(None),
+             "warnings": list}
     assert list(doc) == list(types)
     for key, want in types.items():
         assert type(doc[key]) in (want if isinstance(want, tuple) else (want,)), (key, doc[key])
