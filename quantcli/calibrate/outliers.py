@@ -33,7 +33,7 @@ class Thresholds:
     massive_ratio: float = 1000.0  # a residual channel is massive at >= this x the median |value|
     min_effect: float = 0.01  # confirmed: zeroing it changes perplexity by >= 1 % ...
     control_factor: float = 10.0  # ... and by >= 10x what zeroing the random control weights does
-    control_weights: int = 64  # random weights of the same tensor zeroed together as the control
+    control_weights: int = 64  # random weights of each tested tensor, zeroed together as the control
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -48,7 +48,7 @@ class SuperWeight:
     spike: float  # |output| at the spike / median |output| of the tensor's matmul
     share: float  # this weight's product / the spike's value at the spike's token
     effect: float = math.nan  # relative perplexity change when it is zeroed (0.11 = +11 %)
-    control: float = math.nan  # the same for `control_weights` random weights of the tensor
+    control: float = math.nan  # the same for the control (`control_weights` random weights of each tested tensor)
     confirmed: bool = False
 
     @property

@@ -13,11 +13,12 @@ so it is found from activations, not weights:
    is one: what enters the residual) per channel with the token where it occurs and, at that
    token, the one weight whose product W[i, j] x_j contributes most to it and its share; and the
    residual stream's largest |h_c| per channel after the layer. Ratios are to the median |value|
-   of the same activation (all tokens and channels).
+   of the same activation (all tokens and channels; each chunk's from every 7th value, the
+   median over chunks).
 2. **Candidates**: output channels whose ratio is >= `spike_ratio` and whose top product is >=
    `share` of the spike. **Massive activations**: residual channels >= `massive_ratio`.
 3. **Confirmation**, after the run: the `max_candidates` largest spikes are each zeroed alone,
-   and a control per tensor zeroes `control_weights` random weights of it together. The first
+   and one control copy zeroes `control_weights` random weights of every tested tensor together. The first
    `window` tokens of the first `confirm_chunks` chunks are run again from the embeddings (a
    causal model's first tokens do not depend on the later ones), each zeroed copy splitting off
    the clean stream at its layer and going on to the head. The effect is the relative change of
@@ -27,8 +28,8 @@ so it is found from activations, not weights:
    model zeroing a super weight raises perplexity; either sign shows the output depends on it).
 
    Cost: the detection is a few reductions per chunk and layer (a few percent of the pass); the
-   confirmation is a fixed (2 + 1 per tested tensor) x `confirm_chunks` x `window` tokens through
-   the layers after each candidate, and the head for those positions, whatever the chunk count.
+   confirmation is a fixed (2 + the candidates) x `confirm_chunks` x `window` tokens through the
+   layers after each candidate, and the head for those positions, whatever the chunk count.
 
     obs = SuperWeightObserver()
     run_calibration(model, tokens, RunOptions(...), [make_observer("imatrix"), obs])
@@ -56,6 +57,7 @@ WINDOW = 256  # their first tokens that are run again
 POSITIONS = 96  # scored positions per chunk (evenly spaced over the window's second half)
 MAX_CANDIDATES = 8  # candidates measured (and recorded), the largest spikes first
 MAX_MASSIVE = 4  # massive channels recorded per layer
+MEDIAN_STRIDE = 7  # every 7th |value| gives a chunk's median (7 is prime to the usual widths)
 
 
 class _Channels:
@@ -73,7 +75,8 @@ class _Channels:
         a = np.abs(x)
         pos = a.argmax(axis=0)
         m = a[pos, np.arange(a.shape[1])]
-        self.medians.append(float(np.median(a)))
+        # the median of an evenly strided sample: a full one is a third of the watching's cost
+        self.medians.append(float(np.median(a.reshape(-1)[:: MEDIAN_STRIDE])))
         if self.max is None:
             self.max, self.pos = m.astype(np.float32), pos
             self.chunk = np.full(m.shape, c, np.int64)
@@ -213,7 +216,7 @@ class SuperWeightObserver(Observer, name="superweights"):
         for s in tested:  # the smaller spikes are not recorded (the per-layer maxima show them)
             key = f"{s['tensor']}|{s['row']}|{s['col']}"
             e = ppl[key] / base - 1.0 if key in ppl else math.nan
-            ctl = ppl[f"{s['tensor']}|control"] / base - 1.0 if key in ppl else math.nan
+            ctl = ppl["control"] / base - 1.0 if key in ppl else math.nan
             ok = abs(e) >= self.t.min_effect and abs(e) >= self.t.control_factor * abs(ctl)
             sws.append(SuperWeight(s["tensor"], s["row"], s["col"], s["value"], s["spike"], s["share"],
                                    e, ctl, bool(ok)))
@@ -225,8 +228,9 @@ class SuperWeightObserver(Observer, name="superweights"):
 
     def _confirm(self, model: Model, tested: list[dict[str, Any]]) -> dict[str, float]:
         """Perplexity on the first `window` tokens of the first K chunks: "" the model as it is,
-        "tensor|row|col" with that weight zeroed, "tensor|control" with the tensor's random control
-        weights zeroed. Every stream splits off the clean one at its layer and runs to the head."""
+        "tensor|row|col" with that weight zeroed, "control" with every tested tensor's random control
+        weights zeroed (one copy: its effect bounds each tensor's own control's, so the test is, if
+        anything, stricter). Every copy splits off the clean stream at its layer and runs to the head."""
         ctx = self.chunks.shape[1]
         window = min(ctx, self.window)
         tokens = self.chunks[: self.k, :window]
@@ -237,6 +241,7 @@ class SuperWeightObserver(Observer, name="superweights"):
             by_layer.setdefault(int(s["tensor"].split(".")[1]), []).append(s)
         n_layer = model.config.n_layer
         report = self.progress
+        control = None  # one copy with every tested tensor's control weights zeroed, from the first
         for il in range(n_layer):
             w = model.layer_weights(il)
             for s in streams.values():
@@ -248,13 +253,18 @@ class SuperWeightObserver(Observer, name="superweights"):
                 zeroed = [(s["row"], s["col"]) for s in cands]
                 for s, rc in zip(cands, zeroed):
                     streams[f"{name}|{rc[0]}|{rc[1]}"] = _zeroed_run(model, il, w, h, [rc])
-                streams[f"{name}|control"] = _zeroed_run(model, il, w, h, self._control(name, w["ffn_down"].shape, zeroed))
+                picks = self._control(name, w["ffn_down"].shape, zeroed)
+                control = _zeroed_run(model, il, w, h if control is None else control, picks)
+            elif control is not None:
+                for c in range(control.shape[0]):
+                    control[c] = model.layer(il, w, control[c])
             for c in range(h.shape[0]):
                 h[c] = model.layer(il, w, h[c])
             del w
             report(Progress("confirm", il + 1, n_layer, f"blk.{il}"))
         first = window // 2
         pos = np.unique(np.linspace(first, window - 2, min(self.n_positions, window - 1 - first)).round().astype(np.int64))
+        streams["control"] = control
         keys = [""] + list(streams)
         E = model.config.n_embd
         states = [h] + [streams[k] for k in keys[1:]]

@@ -139,7 +139,7 @@ def render_super_weights(found: Outliers) -> None:
         out.print(f"{len(found.confirmed)} confirmed, {len(found.candidates)} candidate(s); effect: perplexity change "
                   f"when zeroed, on {found.confirm_chunks} chunk(s) (base {found.base_perplexity:.3f}); confirmed at "
                   f">= {100 * th.min_effect:g}% and >= {th.control_factor:g}x the control ({th.control_weights} random "
-                  "weights of the tensor)")
+                  "weights of each tested tensor zeroed)")
     if found.massive:
         by_channel: dict[int, list[int]] = {}
         for m in found.massive:
@@ -164,7 +164,8 @@ def _span(layers: list[int]) -> str:
 @app.command()
 @boundary
 def report(
-    file: Path = typer.Argument(..., help="GGUF file, safetensors file or Hugging Face model directory."),
+    file: Path = typer.Argument(..., help="GGUF file, safetensors file, Hugging Face model directory, or an "
+                                "importance matrix (GGUF or .dat)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON (schema quantcli.report/1)."),
     tensors: bool = typer.Option(True, "--tensors/--no-tensors", help="Include the per-tensor table."),
     eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Text for perplexity (llama-perplexity's method)."),

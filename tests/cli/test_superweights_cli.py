@@ -127,6 +127,19 @@ def test_protection_raises_the_tensor_and_says_why(made, tmp_path):
     assert res.exit_code == 0 and "protected as Q8_0" in res.output
 
 
+def test_an_automatic_mix_takes_protected_tensors_as_fixed(made, tmp_path):
+    model, im = made
+    res = runner.invoke(app, ["quantize", str(model), str(tmp_path / "q.gguf"), "--target-bpw", "5", "--calib",
+                              str(TEXT), "--calib-chunks", "4", "--ctx", "64", "--candidates", "Q4_0,Q5_0,Q8_0",
+                              "--imatrix", str(im), "--protect-super-weights", "--super-weight-type", "Q8_0",
+                              "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    down = next(t for t in doc["tensors"] if t["name"] == "blk.0.ffn_down.weight")
+    assert down["type"] == "Q8_0" and down["reason"].startswith("protected: super weight")
+    assert doc["allocation"]["target"] == "bpw 5" and doc["bpw"] <= 5.0
+
+
 def test_the_protected_file_is_what_the_rule_makes(made, tmp_path):
     model, im = made
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
