@@ -73,20 +73,22 @@ class _Channels:
     def fold(self, c: int, x: np.ndarray) -> np.ndarray | None:
         """Fold chunk c's [T, n] values in; the channels whose maximum grew (None: all, first)."""
         a = np.abs(x)
-        pos = a.argmax(axis=0)
-        m = a[pos, np.arange(a.shape[1])]
+        m = a.max(axis=0)
         # the median of an evenly strided sample: a full one is a third of the watching's cost
         self.medians.append(float(np.median(a.reshape(-1)[:: MEDIAN_STRIDE])))
         if self.max is None:
-            self.max, self.pos = m.astype(np.float32), pos
+            grew = np.arange(m.size)
+            self.max = m.astype(np.float32)
+            self.pos = np.zeros(m.size, np.int64)
             self.chunk = np.full(m.shape, c, np.int64)
-            self.value = x[pos, np.arange(x.shape[1])].astype(np.float32)
-            return np.arange(m.size)
-        grew = np.nonzero(m > self.max)[0]
+            self.value = np.zeros(m.size, np.float32)
+        else:
+            grew = np.nonzero(m > self.max)[0]
+        pos = a[:, grew].argmax(axis=0)  # where, only for the channels that grew (a strided search)
         self.max[grew] = m[grew]
-        self.pos[grew] = pos[grew]
+        self.pos[grew] = pos
         self.chunk[grew] = c
-        self.value[grew] = x[pos[grew], grew]
+        self.value[grew] = x[pos, grew]
         return grew
 
     def median(self) -> float:
