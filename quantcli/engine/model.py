@@ -140,11 +140,14 @@ class Model:
         return out
 
     def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None,
-              on_output: OutputHook | None = None) -> np.ndarray:
+              on_output: OutputHook | None = None, cache: "LayerCache | None" = None) -> np.ndarray:
         """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]. `hook` sees every
-        matmul's input (before the activation rounding or W8A8 quantization), `on_output` its output."""
+        matmul's input (before the activation rounding or W8A8 quantization), `on_output` its output.
+        With `cache` (incremental decoding) x is the T tokens after the cache's positions: their
+        k and v are appended to it and they attend to everything it holds."""
         cfg = self.config
         T = x.shape[0]
+        start = 0 if cache is None else cache.n
 
         # q/k/v and gate/up share an input: round it once. The entry keeps its input alive, so
         # the id in the key cannot be reused by a later array.
@@ -184,12 +187,18 @@ class Model:
             k = rms_norm(k, w["attn_k_norm"], cfg.norm_eps)
         swa = cfg.is_swa(il)
         base, scale = (cfg.rope_base_swa, cfg.rope_scale_swa) if swa else (cfg.rope_base, cfg.rope_scale)
-        cos, sin = rope_cache(T, cfg.n_rot, base, scale, self._freq_factors)
+        if cache is None:
+            cos, sin = rope_cache(T, cfg.n_rot, base, scale, self._freq_factors)
+        else:  # rows are independent of the table's length: those of positions start..start+T
+            cos, sin = cache.rope(start + T, cfg.n_rot, base, scale, self._freq_factors)
+            cos, sin = cos[start:start + T], sin[start:start + T]
         q = rope(q, cos, sin, cfg.rope_neox)  # [T, n_head, d]
         k = rope(k, cos, sin, cfg.rope_neox)  # [T, n_head_kv, d]
         if self.kv_f16:
             k = round_fp16(k)
             v = round_fp16(v)
+        if cache is not None:
+            k, v = cache.append(k, v)  # every position so far
         if cfg.arch == "gemma3":  # gemma scales q before the product (gemma3.cpp)
             q *= np.float32(cfg.attn_scale)
             a = attention(q, k, v, 1.0, cfg.sliding_window if swa else 0)
@@ -235,6 +244,40 @@ class Model:
         V = self.config.n_vocab
         for v0 in range(0, V, n):
             yield v0, min(V, v0 + n)
+
+
+class LayerCache:
+    """One layer's keys and values of the positions decoded so far (fp16-rounded as llama.cpp's
+    KV cache stores them when the model's kv_f16), grown by doubling, and the rope tables."""
+
+    def __init__(self, n_kv: int, d: int, dv: int, capacity: int = 256) -> None:
+        self.n = 0
+        self.k = np.empty((capacity, n_kv, d), np.float32)
+        self.v = np.empty((capacity, n_kv, dv), np.float32)
+        self._rope: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n, t = self.n, k.shape[0]
+        if n + t > self.k.shape[0]:
+            cap = max(2 * self.k.shape[0], n + t)
+            self.k = np.concatenate([self.k[:n], np.empty((cap - n,) + self.k.shape[1:], np.float32)])
+            self.v = np.concatenate([self.v[:n], np.empty((cap - n,) + self.v.shape[1:], np.float32)])
+        self.k[n:n + t], self.v[n:n + t] = k, v
+        self.n = n + t
+        return self.k[: self.n], self.v[: self.n]
+
+    def truncate(self, n: int) -> None:
+        """Forget the positions from n on (a shared prompt prefix is kept, the rest decoded again)."""
+        self.n = min(self.n, n)
+
+    def rope(self, n_pos: int, n_rot: int, base: float, scale: float,
+             freq_factors: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+        key = (n_rot, base, scale, freq_factors)
+        have = self._rope.get(key)
+        if have is None or have[0].shape[0] < n_pos:
+            have = rope_cache(max(n_pos, 2 * (have[0].shape[0] if have else 128)), n_rot, base, scale, freq_factors)
+            self._rope[key] = have
+        return have
 
 
 def run_layers(model: Model, hidden: np.ndarray, hook: Hook | None = None, start: int = 0,

@@ -171,12 +171,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window:
               block: int = 64) -> np.ndarray:
     """Causal (optionally sliding-window) grouped-query attention, as ggml_flash_attn_ext.
 
-    q [T, n_head, d], k [T, n_kv, d], v [T, n_kv, dv] -> [T, n_head * dv]. Query rows go in
-    blocks of `block`, each against only the keys it can see (causal: about half the work of
-    the full square; memory is one block's scores; 64 measured fastest). Each kv head's query group is
-    one 2-D product, which BLAS runs far faster than numpy's stacked matmul.
+    q [T, n_head, d], k [N, n_kv, d], v [N, n_kv, dv] -> [T, n_head * dv], N >= T: the queries
+    are the last T positions of the N (N > T: the earlier keys come from a KV cache). Query rows
+    go in blocks of `block`, each against only the keys it can see (causal: about half the work
+    of the full square; memory is one block's scores; 64 measured fastest). Each kv head's query
+    group is one 2-D product, which BLAS runs far faster than numpy's stacked matmul.
     """
     T, n_head, d = q.shape
+    off = k.shape[0] - T  # position of the first query
     n_kv, dv = k.shape[1], v.shape[2]
     g = n_head // n_kv
     out = np.empty((T, n_kv, g, dv), np.float32)
@@ -186,11 +188,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window:
         vh = np.ascontiguousarray(v[:, h])  # [T, dv]
         for q0 in range(0, T, block):
             q1 = min(T, q0 + block)
-            k0 = max(0, q0 - window + 1) if window > 0 else 0  # earlier keys are outside every window
+            p0, p1 = off + q0, off + q1  # their positions
+            k0 = max(0, p0 - window + 1) if window > 0 else 0  # earlier keys are outside every window
             qb = qh[:, q0:q1].reshape(g * (q1 - q0), d)
-            s = (qb @ kh[k0:q1].T).reshape(g, q1 - q0, q1 - k0)  # [g, bq, bk]
+            s = (qb @ kh[k0:p1].T).reshape(g, q1 - q0, p1 - k0)  # [g, bq, bk]
             s *= np.float32(scale)
-            s += attention_mask(q1 - q0, q1 - k0, q0 - k0, window)
-            p = softmax(s).reshape(g * (q1 - q0), q1 - k0)
-            out[q0:q1, h] = (p @ vh[k0:q1]).reshape(g, q1 - q0, dv).transpose(1, 0, 2)
+            s += attention_mask(q1 - q0, p1 - k0, p0 - k0, window)
+            p = softmax(s).reshape(g * (q1 - q0), p1 - k0)
+            out[q0:q1, h] = (p @ vh[k0:p1]).reshape(g, q1 - q0, dv).transpose(1, 0, 2)
     return out.reshape(T, n_head * dv)

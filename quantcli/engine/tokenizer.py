@@ -36,6 +36,10 @@ _CONTROL_LOOKING = {
     "<|file_sep|>",
 }
 
+# texts llama_vocab adds to its end-of-generation set (special_eog_ids) when the vocabulary has them
+_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
+              "_<EOT>", "<｜end▁of▁sentence｜>", "<|end_of_text|>", "<end_of_utterance>")
+
 # pre-tokenizer names (tokenizer.ggml.pre) -> the scanner that implements them
 _PRE_LLAMA3 = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
                "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe"}
@@ -65,6 +69,8 @@ class Vocab:
     add_bos: bool
     add_eos: bool
     add_space_prefix: bool
+    eot_id: int | None = None  # tokenizer.ggml.eot_token_id
+    eom_id: int | None = None  # tokenizer.ggml.eom_token_id
 
 
 def vocab_from_meta(meta: Callable[[str, Any], Any]) -> Vocab:
@@ -93,11 +99,16 @@ def vocab_from_meta(meta: Callable[[str, Any], Any]) -> Vocab:
         add_space_prefix = bool(meta("tokenizer.ggml.add_space_prefix", add_space_prefix))
     bos = meta("tokenizer.ggml.bos_token_id", bos)
     eos = meta("tokenizer.ggml.eos_token_id", eos)
+    eot = meta("tokenizer.ggml.eot_token_id", None)
+    eom = meta("tokenizer.ggml.eom_token_id", None)
+
+    def tid(i: Any) -> int | None:
+        return None if i is None or not 0 <= int(i) < n else int(i)
+
     return Vocab(model=model, pre=pre, tokens=tuple(tokens), scores=scores, token_types=types,
                  merges=tuple(meta("tokenizer.ggml.merges", None) or ()),
-                 bos_id=None if bos is None or bos >= n else int(bos),
-                 eos_id=None if eos is None or eos >= n else int(eos),
-                 add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix)
+                 bos_id=tid(bos), eos_id=tid(eos), add_bos=add_bos, add_eos=add_eos,
+                 add_space_prefix=add_space_prefix, eot_id=tid(eot), eom_id=tid(eom))
 
 
 def _spm_word_split(tokens: Sequence[str]) -> "re.Pattern[str]":
@@ -144,6 +155,7 @@ class Tokenizer:
                 pair = (merge[:pos], merge[pos + 1:]) if pos >= 0 else ("", "")
                 self._ranks.setdefault(pair, rank)  # std::map::emplace keeps the first
             self._byte_enc = _bytes_to_unicode()
+            self._byte_dec = {c: b for b, c in self._byte_enc.items()}
             self._word_cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -198,6 +210,40 @@ class Tokenizer:
         raw = bytes(dec[c] for i in ids if v.token_types[i] != TOKEN_CONTROL
                     for c in v.tokens[i] if c in dec)
         return raw.decode("utf-8", errors="replace")
+
+    def piece(self, tid: int) -> bytes:
+        """llama_token_to_piece(tid, special=false): the bytes a token stands for — SPM pieces
+        with U+2581 as a space and <0xXX> as that byte, BPE pieces through GPT-2's byte alphabet,
+        user-defined ones as they are; control and unknown tokens are empty."""
+        v = self.vocab
+        if not 0 <= tid < len(v.tokens):
+            raise InputError(f"token id {tid} is outside the vocabulary of {len(v.tokens)}")
+        kind, text = int(v.token_types[tid]), v.tokens[tid]
+        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN):  # attr_special: nothing without special=true
+            return b""
+        if v.model == "llama":
+            if kind == TOKEN_BYTE and len(text) == 6 and text.startswith("<0x"):
+                return bytes([int(text[3:5], 16)])
+            if kind == TOKEN_USER_DEFINED:
+                return text.encode()
+            return text.replace("\u2581", " ").encode()
+        if kind == TOKEN_USER_DEFINED:
+            return text.encode()
+        dec = self._byte_dec
+        return bytes(dec[c] for c in text if c in dec)
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of generated tokens as llama.cpp prints them: their pieces' bytes joined, then
+        decoded as UTF-8 (a character split over tokens comes out whole; broken bytes as U+FFFD)."""
+        return b"".join(self.piece(int(t)) for t in ids).decode("utf-8", errors="replace")
+
+    def eog_ids(self) -> frozenset[int]:
+        """End-of-generation tokens, as llama_vocab collects them: EOS, EOT/EOM when the file names
+        them, and the tokens whose text ends a turn in the common chat templates."""
+        v = self.vocab
+        out = {i for i in (v.eos_id, v.eot_id, v.eom_id) if i is not None}
+        out.update(self.token_to_id[t] for t in _EOG_TEXTS if t in self.token_to_id)
+        return frozenset(out)
 
     # -- special-token partition ------------------------------------------------------------------
     def _special_tokens(self) -> list[tuple[str, int, int]]:
