@@ -62,7 +62,8 @@ class Generation:
 
 
 class Generator:
-    """A model held whole for decoding (see the module's docstring)."""
+    """A model held whole for decoding (see the module's docstring). Several prompts decode
+    together: each has its own caches, and each step's linears run on one row per prompt."""
 
     def __init__(self, model: Model, n_ctx: int = 4096) -> None:
         self.model = model
@@ -70,57 +71,77 @@ class Generator:
         self.n_ctx = n_ctx
         self.weights = [model.layer_weights(il) for il in range(cfg.n_layer)]
         self.rows = np.ascontiguousarray(model.output_rows(0, cfg.n_vocab))
-        self.caches: list[LayerCache] = []
-        self.reset()
+        self._rope = LayerCache(1, 1, 1, 1)  # the rope tables every cache shares
 
-    def reset(self) -> None:
+    def new_caches(self) -> list[LayerCache]:
         cfg = self.model.config
-        self.caches = [LayerCache(cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v) for _ in range(cfg.n_layer)]
+        caches = [LayerCache(cfg.n_head_kv, cfg.head_dim, cfg.head_dim_v) for _ in range(cfg.n_layer)]
+        for c in caches:
+            c.share_rope(self._rope)
+        return caches
 
-    @property
-    def n_past(self) -> int:
-        return self.caches[0].n if self.caches else 0
-
-    def feed(self, tokens: list[int]) -> np.ndarray:
-        """Run these tokens after what the cache holds; the logits of the last one [n_vocab]."""
+    def feed(self, caches: list[LayerCache], tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Run these tokens of one sequence after what its caches hold: the logits of the last one
+        [n_vocab] (with all_logits, of every one [T, n_vocab])."""
         if not tokens:
             raise UsageError("nothing to decode: no tokens")
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise UsageError(f"the context holds {self.n_ctx} tokens; {self.n_past} + {len(tokens)} do not fit")
+        if caches[0].n + len(tokens) > self.n_ctx:
+            raise UsageError(f"the context holds {self.n_ctx} tokens; {caches[0].n} + {len(tokens)} do not fit")
         m = self.model
         x = m.embed(np.asarray(tokens, np.int64))
         for il, w in enumerate(self.weights):
-            x = m.layer(il, w, x, cache=self.caches[il])
-        h = m.head_input(x[-1:])
-        return m.logits(h, self.rows)[0]
+            x = m.layer(il, w, x, cache=caches[il])
+        z = m.logits(m.head_input(x if all_logits else x[-1:]), self.rows)
+        return z if all_logits else z[0]
+
+    def step(self, caches: list[list[LayerCache]], tokens: list[int]) -> np.ndarray:
+        """One token for each of several sequences: logits [B, n_vocab]."""
+        m = self.model
+        x = m.embed(np.asarray(tokens, np.int64))
+        for il, w in enumerate(self.weights):
+            x = m.layer(il, w, x, cache=[c[il] for c in caches])
+        return m.logits(m.head_input(x), self.rows)
 
     def generate(self, prompt: list[int], opts: GenerateOptions = GenerateOptions(),
                  keep_logits: bool = False) -> Generation:
-        """Greedy or sampled continuation of `prompt` (ids, BOS included as tokenized), from an
-        empty cache."""
+        """Greedy or sampled continuation of `prompt` (ids, BOS included as tokenized)."""
+        return self.generate_batch([prompt], opts, keep_logits)[0]
+
+    def generate_batch(self, prompts: list[list[int]], opts: GenerateOptions = GenerateOptions(),
+                       keep_logits: bool = False) -> list[Generation]:
+        """Continuations of several prompts decoded together (the same tokens as one at a time,
+        up to float rounding: a row's sums do not depend on the other rows). Sampling draws from
+        one generator per prompt, seeded with opts.seed + its index."""
         opts.check()
-        if not prompt:
+        if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
-        self.reset()
-        rng = np.random.default_rng(opts.seed)
+        n = len(prompts)
         t0 = time.perf_counter()
-        logits = self.feed(list(prompt))
+        caches = [self.new_caches() for _ in prompts]
+        logits = np.stack([self.feed(c, list(p)) for c, p in zip(caches, prompts)])
         t1 = time.perf_counter()
-        out: list[int] = []
-        kept: list[np.ndarray] = []
-        stopped = False
-        while len(out) < opts.max_tokens:
-            if keep_logits:
-                kept.append(logits.copy())
-            tok = sample(logits, opts, rng)
-            if tok in opts.stop:
-                stopped = True
-                break
-            out.append(tok)
-            if len(out) == opts.max_tokens or self.n_past >= self.n_ctx:
-                break
-            logits = self.feed([tok])
-        return Generation(list(prompt), out, stopped, t1 - t0, time.perf_counter() - t1, kept)
+        rngs = [np.random.default_rng(opts.seed + i) for i in range(n)]
+        outs: list[list[int]] = [[] for _ in prompts]
+        kept: list[list[np.ndarray]] = [[] for _ in prompts]
+        stopped = [False] * n
+        active = list(range(n)) if opts.max_tokens > 0 else []
+        while active:
+            nxt = []
+            for row, b in enumerate(active):
+                if keep_logits:
+                    kept[b].append(logits[row].copy())
+                tok = sample(logits[row], opts, rngs[b])
+                if tok in opts.stop:
+                    stopped[b] = True
+                    continue
+                outs[b].append(tok)
+                if len(outs[b]) < opts.max_tokens and caches[b][0].n < self.n_ctx:
+                    nxt.append(b)
+            active = nxt
+            if active:
+                logits = self.step([caches[b] for b in active], [outs[b][-1] for b in active])
+        t2 = time.perf_counter()
+        return [Generation(list(p), outs[b], stopped[b], t1 - t0, t2 - t1, kept[b]) for b, p in enumerate(prompts)]
 
 
 def sample(logits: np.ndarray, opts: GenerateOptions, rng: np.random.Generator) -> int:

@@ -140,14 +140,18 @@ class Model:
         return out
 
     def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None,
-              on_output: OutputHook | None = None, cache: "LayerCache | None" = None) -> np.ndarray:
+              on_output: OutputHook | None = None,
+              cache: "LayerCache | list[LayerCache] | None" = None) -> np.ndarray:
         """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]. `hook` sees every
         matmul's input (before the activation rounding or W8A8 quantization), `on_output` its output.
-        With `cache` (incremental decoding) x is the T tokens after the cache's positions: their
-        k and v are appended to it and they attend to everything it holds."""
+        With a `cache` (incremental decoding) x is the T tokens after the cache's positions: their
+        k and v are appended to it and they attend to everything it holds. With a list of caches,
+        row b of x is the next token of sequence b (a batch of sequences decoded together)."""
         cfg = self.config
         T = x.shape[0]
-        start = 0 if cache is None else cache.n
+        batch = isinstance(cache, list)
+        if batch and len(cache) != T:
+            raise ValueError(f"{len(cache)} caches for {T} rows")
 
         # q/k/v and gate/up share an input: round it once. The entry keeps its input alive, so
         # the id in the key cannot be reused by a later array.
@@ -189,21 +193,28 @@ class Model:
         base, scale = (cfg.rope_base_swa, cfg.rope_scale_swa) if swa else (cfg.rope_base, cfg.rope_scale)
         if cache is None:
             cos, sin = rope_cache(T, cfg.n_rot, base, scale, self._freq_factors)
-        else:  # rows are independent of the table's length: those of positions start..start+T
-            cos, sin = cache.rope(start + T, cfg.n_rot, base, scale, self._freq_factors)
-            cos, sin = cos[start:start + T], sin[start:start + T]
+        else:  # rows are independent of the table's length: those of the tokens' positions
+            first = cache[0] if batch else cache
+            pos = np.array([c.n for c in cache]) if batch else np.arange(cache.n, cache.n + T)
+            cos, sin = first.rope(int(pos.max()) + 1, cfg.n_rot, base, scale, self._freq_factors)
+            cos, sin = cos[pos], sin[pos]
         q = rope(q, cos, sin, cfg.rope_neox)  # [T, n_head, d]
         k = rope(k, cos, sin, cfg.rope_neox)  # [T, n_head_kv, d]
         if self.kv_f16:
             k = round_fp16(k)
             v = round_fp16(v)
-        if cache is not None:
-            k, v = cache.append(k, v)  # every position so far
+        window = cfg.sliding_window if swa else 0
+        scale_qk = cfg.attn_scale
         if cfg.arch == "gemma3":  # gemma scales q before the product (gemma3.cpp)
             q *= np.float32(cfg.attn_scale)
-            a = attention(q, k, v, 1.0, cfg.sliding_window if swa else 0)
+            scale_qk = 1.0
+        if batch:  # each row against its own sequence's cache
+            a = np.concatenate([attention(q[b:b + 1], *c.append(k[b:b + 1], v[b:b + 1]), scale_qk, window)
+                                for b, c in enumerate(cache)])
         else:
-            a = attention(q, k, v, cfg.attn_scale, cfg.sliding_window if swa else 0)
+            if cache is not None:
+                k, v = cache.append(k, v)  # every position so far
+            a = attention(q, k, v, scale_qk, window)
         a = linear("attn_output", a)  # [T, n_head*dv] -> [T, n_embd]
         if cfg.post_norms:
             a = rms_norm(a, w["post_attention_norm"], cfg.norm_eps)
@@ -269,6 +280,10 @@ class LayerCache:
     def truncate(self, n: int) -> None:
         """Forget the positions from n on (a shared prompt prefix is kept, the rest decoded again)."""
         self.n = min(self.n, n)
+
+    def share_rope(self, other: "LayerCache") -> None:
+        """Use `other`'s rope tables (they depend on the layer's rope settings only)."""
+        self._rope = other._rope
 
     def rope(self, n_pos: int, n_rot: int, base: float, scale: float,
              freq_factors: bytes | None) -> tuple[np.ndarray, np.ndarray]:

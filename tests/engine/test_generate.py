@@ -39,6 +39,17 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix(tmp_path, arch):
             seq.append(tok)
 
 
+def test_a_batch_decodes_what_each_prompt_decodes_alone(tmp_path):
+    with open_model(_model(tmp_path, "gemma3")) as r:
+        tok = Tokenizer.from_model(r)
+        gen = Generator(Model(r))
+        prompts = [tok.encode(t) for t in ("the cat", "a hat on the mat and then the", "sat")]
+        opts = GenerateOptions(max_tokens=10, stop=frozenset({7}))
+        together = gen.generate_batch(prompts, opts)
+        for p, g in zip(prompts, together):
+            assert g.tokens == gen.generate(p, opts).tokens
+
+
 def test_attention_against_a_cache_is_the_last_rows_of_the_full_one():
     rng = np.random.default_rng(0)
     T, n = 20, 7
@@ -96,4 +107,35 @@ def test_errors(tmp_path):
         with pytest.raises(UsageError, match="temperature must be 0 or more"):
             gen.generate([2, 5], GenerateOptions(temperature=-1))
         out = gen.generate([2, 5, 6], GenerateOptions(max_tokens=100))
-        assert len(out.tokens) == 14 and gen.n_past == 16  # the context ends it (the last one is not fed)
+        assert len(out.tokens) == 14  # the context (16) ends it; the last one is not fed
+
+
+def _llama_simple():
+    import os
+    import shutil
+    from pathlib import Path
+
+    d = os.environ.get("QUANTCLI_LLAMA_BIN")
+    if d and (Path(d) / "llama-simple").is_file():
+        return Path(d) / "llama-simple"
+    found = shutil.which("llama-simple")
+    return Path(found) if found else None
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Once upon a time, a"])
+def test_greedy_generation_equals_llama_cpp_on_the_real_model(real_f32, prompt):
+    """llama.cpp's examples/simple (greedy, BOS added, stops at end-of-generation) on the F32 base
+    prints the prompt and its continuation; ours is the same text. Skips without llama-simple."""
+    import subprocess
+
+    exe = _llama_simple()
+    if exe is None:
+        pytest.skip("llama-simple not found (set QUANTCLI_LLAMA_BIN)")
+    proc = subprocess.run([str(exe), "-m", str(real_f32), "-n", "24", prompt], capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = proc.stdout.decode("utf-8", errors="replace")
+    assert theirs.startswith("<bos>" + prompt)
+    with open_model(real_f32) as r:
+        tok = Tokenizer.from_model(r)
+        out = Generator(Model(r)).generate(tok.encode(prompt), GenerateOptions(max_tokens=24, stop=tok.eog_ids()))
+    assert theirs[len("<bos>" + prompt):].rstrip("\n") == tok.detokenize(out.tokens).rstrip("\n")
