@@ -121,6 +121,25 @@ def render_imatrix(rep: imatrix_report.ImatrixReport) -> None:
         render_super_weights(found)
 
 
+def render_coherence(rep) -> None:
+    t = Table(title=f"coherence against {escape(rep.base)}", pad_edge=False)
+    for col in ("prompt", "KLD", "top-1", "rep4", "run", "dist2", "NLL", "H", "verdict"):
+        t.add_column(col, justify="left" if col in ("prompt", "verdict") else "right")
+    for r in rep.results:
+        first = r.prompt.splitlines()[0] if r.prompt.strip() else r.prompt
+        t.add_row(escape(first[:40]), f"{r.kld:.3f}", f"{100 * r.top1:.0f}%", f"{r.repeat4:.2f}", str(r.run),
+                  f"{r.distinct2:.2f}", f"{r.base_nll:.2f}", f"{r.entropy:.1f}",
+                  "ok" if r.coherent else "[red]" + escape(", ".join(r.failed)) + "[/]")
+    out.print(t)
+    shown = [r for r in rep.results if not r.coherent][:3] or rep.results[:2]
+    for r in shown:
+        out.print(f"[bold]{escape(r.prompt)}[/]\n  base:  {escape(r.base_text)!s}\n  model: {escape(r.text)!s}")
+    share = rep.coherent
+    verdict = "coherent" if share >= 0.9 else "NOT coherent"
+    out.print(f"{100 * share:.1f}% of {len(rep.results)} prompts coherent: {verdict} (90% needed); "
+              f"{rep.seconds:.1f} s, decoding {rep.tokens_per_second:.0f} tokens/s")
+
+
 def render_super_weights(found: Outliers) -> None:
     """The super weights (confirmed, then candidates) and the massive activations."""
     if not found.super_weights:
@@ -186,10 +205,34 @@ def report(
     importance: bool = typer.Option(False, "--importance", help="An imatrix: per-layer importance of each tensor "
                                     "(mean and max over columns, normalised), with the super weights and massive "
                                     "activations."),
+    coherence: bool = typer.Option(False, "--coherence", help="Does the model still talk? Its greedy continuations "
+                                   "of a prompt suite against --base's (JSON schema quantcli.coherence/1)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="--coherence: prompts file (prompts between "
+                                           "lines of ---; default: the shipped suite)."),
 ) -> None:
     """Per-tensor types and sizes, per-layer aggregates, totals and the model's metadata; the
     estimated KL divergence per tensor and layer of an automatic mix (or from --measurement);
     with --eval-text, perplexity (and KLD against --base)."""
+    if prompts is not None and not coherence:
+        raise UsageError("--prompts is the suite of --coherence; pass that too")
+    if coherence:
+        others = [n for n, v in (("--eval-text", eval_text), ("--simulate", simulate), ("--calib", calib),
+                                 ("--measurement", measurement), ("--plot", plot)) if v is not None]
+        if others:
+            raise UsageError(f"--coherence is a report of its own; {', '.join(others)} belong to another")
+        if base is None:
+            raise UsageError("--coherence compares the model with its base: pass --base BASE (e.g. the F32 model "
+                             "it was quantized from)")
+        from quantcli.pipelines import coherence as coh
+
+        suite = coh.load_prompts(prompts)
+        with progress_bar(as_json, "coherence") as progress:
+            crep = coh.check(file, base, suite, progress=progress, source=str(prompts or coh.PROMPTS))
+        if as_json:
+            typer.echo(json.dumps(crep.to_json(), indent=1))
+        else:
+            render_coherence(crep)
+        return
     if imatrix_report.is_imatrix(file):
         others = [n for n, v in (("--eval-text", eval_text), ("--base", base), ("--simulate", simulate),
                                  ("--calib", calib), ("--measurement", measurement)) if v is not None]

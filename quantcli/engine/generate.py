@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -108,10 +109,12 @@ class Generator:
         return self.generate_batch([prompt], opts, keep_logits)[0]
 
     def generate_batch(self, prompts: list[list[int]], opts: GenerateOptions = GenerateOptions(),
-                       keep_logits: bool = False) -> list[Generation]:
+                       keep_logits: bool = False,
+                       on_logits: Callable[[int, np.ndarray], None] | None = None) -> list[Generation]:
         """Continuations of several prompts decoded together (the same tokens as one at a time,
         up to float rounding: a row's sums do not depend on the other rows). Sampling draws from
-        one generator per prompt, seeded with opts.seed + its index."""
+        one generator per prompt, seeded with opts.seed + its index. `on_logits(b, logits)` sees
+        every distribution prompt b's next token is drawn from, in order."""
         opts.check()
         if not prompts or any(not p for p in prompts):
             raise UsageError("the prompt is empty")
@@ -130,6 +133,8 @@ class Generator:
             for row, b in enumerate(active):
                 if keep_logits:
                     kept[b].append(logits[row].copy())
+                if on_logits is not None:
+                    on_logits(b, logits[row])
                 tok = sample(logits[row], opts, rngs[b])
                 if tok in opts.stop:
                     stopped[b] = True
