@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +16,7 @@ from quantcli.calibrate import imatrix_file as imf
 from quantcli.cli.app import app
 from tests.calibrate.test_superweights import COL, ROW, planted
 from tests.conftest import DATA
+from tests.llama_tools import llama_tool
 
 runner = CliRunner()
 TEXT = DATA / "engine" / "genesis.txt"
@@ -181,16 +181,8 @@ def test_records_do_not_change_what_quantize_writes(made, tmp_path, monkeypatch)
     assert outs[0] == outs[1]
 
 
-def _llama_quantize() -> Path | None:
-    d = os.environ.get("QUANTCLI_LLAMA_BIN")
-    if d and (Path(d) / "llama-quantize").is_file():
-        return Path(d) / "llama-quantize"
-    found = shutil.which("llama-quantize")
-    return Path(found) if found else None
-
-
 def test_llama_quantize_reads_the_imatrix_to_the_same_bytes(made, tmp_path):
-    exe = _llama_quantize()
+    exe = llama_tool("llama-quantize")
     if exe is None:
         pytest.skip("llama-quantize not found (set QUANTCLI_LLAMA_BIN)")
     model, im = made

@@ -12,6 +12,7 @@ from quantcli.engine.model import Model, forward
 from quantcli.engine.tokenizer import Tokenizer
 from quantcli.errors import UsageError
 from quantcli.formats import open_model
+from tests.llama_tools import llama_tool
 from tests.models import ARCHS, write_model
 
 PROMPT = "the cat sat on the mat and the"
@@ -110,25 +111,13 @@ def test_errors(tmp_path):
         assert len(out.tokens) == 14  # the context (16) ends it; the last one is not fed
 
 
-def _llama_simple():
-    import os
-    import shutil
-    from pathlib import Path
-
-    d = os.environ.get("QUANTCLI_LLAMA_BIN")
-    if d and (Path(d) / "llama-simple").is_file():
-        return Path(d) / "llama-simple"
-    found = shutil.which("llama-simple")
-    return Path(found) if found else None
-
-
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Once upon a time, a"])
 def test_greedy_generation_equals_llama_cpp_on_the_real_model(real_f32, prompt):
     """llama.cpp's examples/simple (greedy, BOS added, stops at end-of-generation) on the F32 base
     prints the prompt and its continuation; ours is the same text. Skips without llama-simple."""
     import subprocess
 
-    exe = _llama_simple()
+    exe = llama_tool("llama-simple")
     if exe is None:
         pytest.skip("llama-simple not found (set QUANTCLI_LLAMA_BIN)")
     proc = subprocess.run([str(exe), "-m", str(real_f32), "-n", "24", prompt], capture_output=True, timeout=300)

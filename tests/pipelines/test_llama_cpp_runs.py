@@ -4,9 +4,7 @@ Runs when llama-perplexity is found ($QUANTCLI_LLAMA_BIN or PATH); skips otherwi
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,14 +12,11 @@ import pytest
 
 from quantcli.pipelines import quantize as qp
 from tests.conftest import DATA
+from tests.llama_tools import llama_tool
 
 
 def _llama_perplexity() -> Path | None:
-    d = os.environ.get("QUANTCLI_LLAMA_BIN")
-    if d and (Path(d) / "llama-perplexity").is_file():
-        return Path(d) / "llama-perplexity"
-    found = shutil.which("llama-perplexity")
-    return Path(found) if found else None
+    return llama_tool("llama-perplexity")
 
 
 def test_q4_k_m_perplexity_in_llama_cpp(real_f32, tmp_path):
