@@ -146,3 +146,34 @@ def make_plan(reader: Any, opts: PlanOptions, *, has_imatrix: bool,
         warn_(f"{fallbacks} of {len(planned)} tensor(s) required fallback quantization (rows not "
               "divisible by the type's block size)")
     return Plan(planned, preset, presets.file_type(preset, infos, reader.meta), plan_sha256(planned), warnings)
+
+
+def type_bpw(type_name: str) -> float:
+    """Bits per weight of a GGML type (its block's bytes over its block's weights)."""
+    t = GGMLQuantizationType[type_name]
+    return 8.0 * type_nbytes(t, (256,)) / 256
+
+
+def size_claim(plan: Plan) -> dict[str, Any]:
+    """The plan's size against F16 and against what its default type alone would give; where it
+    falls short (under 80 % of that), the tensors that keep it: those holding the most bytes above
+    the default type's, until they explain half of the excess (at most three)."""
+    params, nbytes = plan.params, max(plan.bytes, 1)
+    out: dict[str, Any] = {"ratio_vs_f16": 2.0 * params / nbytes, "default_type": plan.preset.default_type,
+                           "default_ratio_vs_f16": None, "kept_by": []}
+    if plan.preset.default_type not in GGMLQuantizationType.__members__:
+        return out
+    nominal = type_bpw(plan.preset.default_type)
+    out["default_ratio_vs_f16"] = 16.0 / nominal
+    if out["ratio_vs_f16"] >= 0.8 * out["default_ratio_vs_f16"]:
+        return out
+    excess = sorted(((p.nbytes - p.info.n_params * nominal / 8, p) for p in plan), key=lambda e: -e[0])
+    total = sum(e for e, _ in excess if e > 0)
+    covered = 0.0
+    for e, p in excess[:3]:
+        if e <= 0 or covered >= total / 2:
+            break
+        covered += e
+        out["kept_by"].append({"tensor": p.info.name, "type": p.type, "reason": p.reason,
+                               "weights_share": p.info.n_params / max(params, 1), "bytes_share": p.nbytes / nbytes})
+    return out

@@ -41,6 +41,17 @@ def render_plan(result: pipeline.QuantizeResult) -> None:
         out.print(_mix_line(result))
     if result.protected is not None:
         out.print(escape(_protected_line(result)))
+    out.print(escape(_size_line(result)))
+
+
+def _size_line(result: pipeline.QuantizeResult) -> str:
+    s = result.size
+    line = f"{s['ratio_vs_f16']:.2f}x smaller than F16"
+    if s["kept_by"]:
+        line += f" ({s['default_type']} alone: {s['default_ratio_vs_f16']:.1f}x); kept by " + "; ".join(
+            f"{k['tensor']} ({100 * k['weights_share']:.0f}% of the weights) at {k['type']}, "
+            f"{100 * k['bytes_share']:.0f}% of the bytes" for k in s["kept_by"])
+    return line
 
 
 def _protected_line(result: pipeline.QuantizeResult) -> str:
@@ -134,3 +145,4 @@ def quantize(
             err.print(_mix_line(result))
         if result.protected is not None:
             err.print(escape(_protected_line(result)))
+        err.print(escape(_size_line(result)))

@@ -100,6 +100,7 @@ class QuantizeResult:
     allocation: dict[str, Any] | None = None  # an automatic mix: target, estimate, reachable range
     file_bytes: int | None = None  # the output file's size (a dry run: what it will be)
     protected: list[dict[str, Any]] | None = None  # --protect-super-weights: tensor, type, its super weights
+    size: dict[str, Any] = field(default_factory=dict)  # plan.size_claim: the ratio to F16 and what keeps it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,7 @@ class QuantizeResult:
             "resumed_units": self.resumed_units, "seconds": round(self.seconds, 3),
             "allocation": self.allocation,
             "protected": self.protected,
+            "size": self.size,
             "warnings": self.warnings,
         }
 
@@ -244,7 +246,8 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                        file_type=plan.file_type, fallbacks=plan.fallbacks,
                        allocation=_allocation_json(mix, opts) if mix else None,
                        file_bytes=_file_bytes(job),
-                       protected=_protected_json(plan, protected) if opts.protect_super_weights else None)
+                       protected=_protected_json(plan, protected) if opts.protect_super_weights else None,
+                       size=plan_mod.size_claim(plan))
         if opts.dry_run:
             return QuantizeResult(output=None, seconds=time.perf_counter() - start,
                                   warnings=warnings, **summary)

@@ -52,7 +52,8 @@ def test_dry_run_table(model, tmp_path):
         " fallback: 320 not divisible by 256 (Q6_K) -> Q8_0│",
     ):
         assert row in rows
-    assert lines[-1] == "total: 12 tensors, 770,816 params, 0.53 MB, 5.479 bpw, file type 15, 1 fallback(s)"
+    assert lines[-2] == "total: 12 tensors, 770,816 params, 0.53 MB, 5.479 bpw, file type 15, 1 fallback(s)"
+    assert lines[-1] == "2.92x smaller than F16"  # Q4_K_M's default Q4_K alone would be 3.6x: within 80 %
     assert res.stderr == ("warning: 1 of 12 tensor(s) required fallback quantization "
                           "(rows not divisible by the type's block size)\n")
 
@@ -62,7 +63,7 @@ def _check_schema(doc: dict) -> None:
     types = {"schema": str, "output": (str, type(None)), "dry_run": bool, "tensors": list, "params": int,
              "bytes": int, "bpw": float, "file_bytes": int, "file_type": int, "fallbacks": int,
              "resumed_units": int, "seconds": float, "allocation": type(None), "protected": type(None),
-             "warnings": list}
+             "size": dict, "warnings": list}
     assert list(doc) == list(types)
     for key, want in types.items():
         assert type(doc[key]) in (want if isinstance(want, tuple) else (want,)), (key, doc[key])
@@ -162,3 +163,19 @@ def test_existing_output_needs_force(model, tmp_path):
     forced = quantize(str(model), str(out), "--type", "Q8_0", "--force", "-q")
     assert forced.exit_code == 0 and forced.output == ""
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_the_summary_says_what_keeps_the_size(tmp_path):
+    """A preset whose file falls short of its default type's ratio to F16 names the tensors that keep
+    it (here the untied output, which Q2_K gives more bits)."""
+    model = write_model(tmp_path / "m.gguf", "llama", n_layer=1, **{**PLAIN_LLAMA, "n_vocab": 4096})
+    res = runner.invoke(app, ["quantize", str(model), str(tmp_path / "o.gguf"), "--type", "Q2_K", "--dry-run",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    size = json.loads(res.output)["size"]
+    assert size["default_type"] == "Q2_K" and round(size["default_ratio_vs_f16"], 2) == 6.1
+    assert size["ratio_vs_f16"] < 0.8 * size["default_ratio_vs_f16"]
+    kept = size["kept_by"][0]
+    assert kept["tensor"] in ("output.weight", "token_embd.weight") and kept["bytes_share"] > kept["weights_share"]
+    res = runner.invoke(app, ["quantize", str(model), str(tmp_path / "o.gguf"), "--type", "Q2_K", "--dry-run"])
+    assert f"kept by {kept['tensor']}" in " ".join(res.output.split())
