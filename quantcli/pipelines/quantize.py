@@ -242,6 +242,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
         if protected:
             plan = _labelled(plan, protected)
         job.plan = plan
+        _ternary_check(reader, plan, warn_)
         summary = dict(plan=plan.tensors, params=plan.params, bytes=plan.bytes, bpw=plan.bpw,
                        file_type=plan.file_type, fallbacks=plan.fallbacks,
                        allocation=_allocation_json(mix, opts) if mix else None,
@@ -257,6 +258,47 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                 fh.write(profile.encode())
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
+
+
+# -- ternary -------------------------------------------------------------------------------------
+
+TERNARY = ("TQ1_0", "TQ2_0")
+TERNARY_ROWS = 256  # rows sampled per tensor (evenly spaced)
+TERNARY_SHARE = 0.9  # a model "is ternary" when this share of the sampled blocks are
+
+
+def ternary_share(x: np.ndarray, block: int = 256) -> float:
+    """The share of `block`-wide row blocks of x whose values take at most three levels, -s, 0 and
+    +s (s the block's largest |value|; within 1 % of s, as fp16/bf16 storage of a ternary model
+    keeps them): what TQ1_0/TQ2_0 store exactly. Rows not divisible by the block: their whole
+    length is one block."""
+    x = np.asarray(x, np.float32)
+    cols = x.shape[-1]
+    b = x.reshape(-1, block) if cols % block == 0 else x.reshape(-1, cols)
+    a = np.abs(b)
+    s = a.max(axis=1, keepdims=True)
+    ok = (a <= 0.01 * s) | (np.abs(a - s) <= 0.01 * s)
+    return float(np.mean(ok.all(axis=1))) if b.shape[0] else 1.0
+
+
+def _ternary_check(reader: ModelReader, plan: Plan, warn: Callable[[str], None]) -> None:
+    """Before quantizing to TQ1_0/TQ2_0: whether the model's weights already are ternary per block
+    (a model trained so, BitNet b1.58 style); if not, say that ternary will destroy it."""
+    targets = [p for p in plan if p.type in TERNARY and not p.copy]
+    if not targets:
+        return
+    shares = []
+    for p in targets:
+        rows = p.info.shape[0]
+        idx = np.unique(np.linspace(0, rows - 1, min(rows, TERNARY_ROWS)).round().astype(np.int64))
+        x = reader.load_f32(p.info.name, copy=False).reshape(rows, -1)[idx]
+        shares.append((ternary_share(x), p.info.n_params))
+    share = sum(s * n for s, n in shares) / max(sum(n for _, n in shares), 1)
+    if share < TERNARY_SHARE:
+        warn(f"{reader.path}: the weights are not ternary (only {100 * share:.0f}% of the sampled "
+             f"blocks of the {len(targets)} tensor(s) planned as {'/'.join(sorted({p.type for p in targets}))} take "
+             "three values -s, 0, +s): ternary types suit models trained ternary (BitNet b1.58); this model "
+             "will lose most of what it knows")
 
 
 # -- super weights -------------------------------------------------------------------------------

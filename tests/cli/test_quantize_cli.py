@@ -179,3 +179,26 @@ def test_the_summary_says_what_keeps_the_size(tmp_path):
     assert kept["tensor"] in ("output.weight", "token_embd.weight") and kept["bytes_share"] > kept["weights_share"]
     res = runner.invoke(app, ["quantize", str(model), str(tmp_path / "o.gguf"), "--type", "Q2_K", "--dry-run"])
     assert f"kept by {kept['tensor']}" in " ".join(res.output.split())
+
+
+def test_ternary_presets_say_when_the_model_is_not_ternary(tmp_path):
+    import numpy as np
+
+    from quantcli.pipelines.quantize import ternary_share
+
+    def ternarize(name, a):
+        if a.ndim != 2:
+            return a
+        s = np.float32(np.abs(a).mean())
+        return (np.sign(a) * (np.abs(a) > 0.5 * s) * s).astype(np.float32)  # BitNet b1.58: {-s, 0, +s}
+
+    ternary = write_model(tmp_path / "t.gguf", "llama", n_layer=1, edit=ternarize, **PLAIN_LLAMA)
+    plain = write_model(tmp_path / "p.gguf", "llama", n_layer=1, **PLAIN_LLAMA)
+    for model, warned in ((ternary, False), (plain, True)):
+        res = runner.invoke(app, ["quantize", str(model), str(tmp_path / "o.gguf"), "--type", "TQ1_0", "--dry-run"])
+        assert res.exit_code == 0, res.output
+        text = " ".join(res.output.split())
+        assert ("the weights are not ternary (only 0% of the sampled blocks" in text) == warned, text
+        assert ("trained ternary (BitNet b1.58)" in text) == warned
+    x = np.array([[0.5, -0.5, 0.0, 0.5] * 64, [0.5, 0.25, 0.0, 0.5] * 64], np.float32)
+    assert ternary_share(x) == 0.5
