@@ -133,11 +133,16 @@ def render_coherence(rep) -> None:
     out.print(t)
     shown = [r for r in rep.results if not r.coherent][:3] or rep.results[:2]
     for r in shown:
-        out.print(f"[bold]{escape(r.prompt)}[/]\n  base:  {escape(r.base_text)!s}\n  model: {escape(r.text)!s}")
+        out.print(f"[bold]{_one_line(r.prompt)}[/]\n  base: {_one_line(r.base_text)}\n  model: {_one_line(r.text)}")
     share = rep.coherent
     verdict = "coherent" if share >= 0.9 else "NOT coherent"
     out.print(f"{100 * share:.1f}% of {len(rep.results)} prompts coherent: {verdict} (90% needed); "
               f"{rep.seconds:.1f} s, decoding {rep.tokens_per_second:.0f} tokens/s")
+
+
+def _one_line(text: str) -> str:
+    """A generation on one line: its newlines shown as \\n."""
+    return escape(text.replace("\n", "\\n"))
 
 
 def render_super_weights(found: Outliers) -> None:
