@@ -291,7 +291,8 @@ def _ternary_check(reader: ModelReader, plan: Plan, warn: Callable[[str], None])
     for p in targets:
         rows = p.info.shape[0]
         idx = np.unique(np.linspace(0, rows - 1, min(rows, TERNARY_ROWS)).round().astype(np.int64))
-        x = reader.load_f32(p.info.name, copy=False).reshape(rows, -1)[idx]
+        # only the sampled rows are read (a whole F16/BF16 tensor would be converted otherwise)
+        x = np.concatenate([reader.load_rows(p.info.name, int(i), int(i) + 1) for i in idx])
         shares.append((ternary_share(x), p.info.n_params))
     share = sum(s * n for s, n in shares) / max(sum(n for _, n in shares), 1)
     if share < TERNARY_SHARE:
