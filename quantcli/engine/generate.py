@@ -19,7 +19,7 @@ whose mass reaches p, at least one), then temperature, then a draw from a seeded
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -53,7 +53,6 @@ class Generation:
     stopped: bool  # ended at a stop token (else at max_tokens or the context)
     prefill_seconds: float
     decode_seconds: float
-    logits: list[np.ndarray] = field(default_factory=list, repr=False)  # with keep_logits: per new token
 
     @property
     def tokens_per_second(self) -> float:
@@ -104,12 +103,13 @@ class Generator:
         return m.logits(m.head_input(x), self.rows)
 
     def generate(self, prompt: list[int], opts: GenerateOptions = GenerateOptions(),
-                 keep_logits: bool = False) -> Generation:
-        """Greedy or sampled continuation of `prompt` (ids, BOS included as tokenized)."""
-        return self.generate_batch([prompt], opts, keep_logits)[0]
+                 on_logits: Callable[[np.ndarray], None] | None = None) -> Generation:
+        """Greedy or sampled continuation of `prompt` (ids, BOS included as tokenized);
+        `on_logits(logits)` sees every distribution a token is drawn from."""
+        hook = None if on_logits is None else (lambda _b, z: on_logits(z))
+        return self.generate_batch([prompt], opts, hook)[0]
 
     def generate_batch(self, prompts: list[list[int]], opts: GenerateOptions = GenerateOptions(),
-                       keep_logits: bool = False,
                        on_logits: Callable[[int, np.ndarray], None] | None = None) -> list[Generation]:
         """Continuations of several prompts decoded together (the same tokens as one at a time,
         up to float rounding: a row's sums do not depend on the other rows). Sampling draws from
@@ -125,14 +125,11 @@ class Generator:
         t1 = time.perf_counter()
         rngs = [np.random.default_rng(opts.seed + i) for i in range(n)]
         outs: list[list[int]] = [[] for _ in prompts]
-        kept: list[list[np.ndarray]] = [[] for _ in prompts]
         stopped = [False] * n
         active = list(range(n)) if opts.max_tokens > 0 else []
         while active:
             nxt = []
             for row, b in enumerate(active):
-                if keep_logits:
-                    kept[b].append(logits[row].copy())
                 if on_logits is not None:
                     on_logits(b, logits[row])
                 tok = sample(logits[row], opts, rngs[b])
@@ -146,7 +143,7 @@ class Generator:
             if active:
                 logits = self.step([caches[b] for b in active], [outs[b][-1] for b in active])
         t2 = time.perf_counter()
-        return [Generation(list(p), outs[b], stopped[b], t1 - t0, t2 - t1, kept[b]) for b, p in enumerate(prompts)]
+        return [Generation(list(p), outs[b], stopped[b], t1 - t0, t2 - t1) for b, p in enumerate(prompts)]
 
 
 def sample(logits: np.ndarray, opts: GenerateOptions, rng: np.random.Generator) -> int:

@@ -277,10 +277,6 @@ class LayerCache:
         self.n = n + t
         return self.k[: self.n], self.v[: self.n]
 
-    def truncate(self, n: int) -> None:
-        """Forget the positions from n on (a shared prompt prefix is kept, the rest decoded again)."""
-        self.n = min(self.n, n)
-
     def share_rope(self, other: "LayerCache") -> None:
         """Use `other`'s rope tables (they depend on the layer's rope settings only)."""
         self._rope = other._rope

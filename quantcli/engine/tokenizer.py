@@ -194,23 +194,6 @@ class Tokenizer:
             out.append(self._need(v.eos_id, "EOS"))
         return out
 
-    def decode(self, ids: list[int]) -> str:
-        """Token pieces joined (for messages and tests, not byte-exact detokenization)."""
-        v = self.vocab
-        if v.model == "llama":
-            parts = []
-            for i in ids:
-                t = v.tokens[i]
-                if v.token_types[i] == TOKEN_BYTE and len(t) == 6:
-                    parts.append(chr(int(t[3:5], 16)))
-                elif v.token_types[i] not in (TOKEN_CONTROL, TOKEN_UNKNOWN):
-                    parts.append(t.replace("\u2581", " "))
-            return "".join(parts)
-        dec = {c: b for b, c in self._byte_enc.items()}
-        raw = bytes(dec[c] for i in ids if v.token_types[i] != TOKEN_CONTROL
-                    for c in v.tokens[i] if c in dec)
-        return raw.decode("utf-8", errors="replace")
-
     def piece(self, tid: int) -> bytes:
         """llama_token_to_piece(tid, special=false): the bytes a token stands for — SPM pieces
         with U+2581 as a space and <0xXX> as that byte, BPE pieces through GPT-2's byte alphabet,

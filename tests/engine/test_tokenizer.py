@@ -51,7 +51,7 @@ def test_bpe_round_trip_and_no_bos_without_special() -> None:
     tok = Tokenizer(vocab_from_meta(_meta(vocab, {"tokenizer.ggml.pre": "llama-bpe"})))
     ids = tok.encode(SAMPLE, add_special=False)
     assert ids[0] != vocab["bos"]
-    assert tok.decode(ids) == SAMPLE
+    assert tok.detokenize(ids) == SAMPLE
 
 
 def test_unknown_pre_tokenizer_is_refused() -> None:
