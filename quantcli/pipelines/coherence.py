@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,9 @@ def check(model: Any, base: Any, prompts: list[str] | None = None, *, continuati
         mr, br = reader(model), reader(base)
         tok = Tokenizer.from_model(br)
         ids = [tok.encode(p) for p in prompts]
-        mcfg, bcfg = Model(mr).config, Model(br).config
+        bm = Model(br)
+        mm = Model(mr) if mr is not br else bm
+        mcfg, bcfg = mm.config, bm.config
         if mcfg.n_vocab != bcfg.n_vocab:
             raise InputError(f"the base's vocabulary has {bcfg.n_vocab} tokens, the model's {mcfg.n_vocab}")
         n_ctx = 2048
@@ -200,32 +202,31 @@ def check(model: Any, base: Any, prompts: list[str] | None = None, *, continuati
             raise InputError(f"{source}: prompt {k + 1} has {longest} tokens; with a continuation of "
                              f"{continuation} it does not fit the check's context of {n_ctx}")
         opts = GenerateOptions(max_tokens=continuation, stop=tok.eog_ids())
-        bgen = Generator(Model(br), n_ctx)
+        bgen = Generator(bm, n_ctx)
         report(Progress("coherence", 1, 4, "base continues"))
         # the base's distributions as it continues: what the model is compared with (float16)
         blogp: list[list[np.ndarray]] = [[] for _ in ids]
         bouts = bgen.generate_batch(ids, opts, on_logits=lambda b, z: blogp[b].append(
             _log_softmax(z.copy()).astype(np.float16)))
-        mgen = Generator(Model(mr), n_ctx) if mr is not br else bgen
+        mgen = Generator(mm, n_ctx) if mm is not bm else bgen
         report(Progress("coherence", 2, 4, "model continues"))
         mouts = mgen.generate_batch(ids, opts) if mgen is not bgen else bouts
-        decode_s = sum(o.decode_seconds for o in mouts[:1])
+        decode_s = mouts[0].decode_seconds  # the batch's, the same for every prompt
         n_decoded = sum(len(o.tokens) for o in mouts)
         report(Progress("coherence", 3, 4, "teacher-forced"))
         results = []
-        for p, pid, bo, mo in zip(prompts, ids, bouts, mouts):
-            kld, top1, own_nll = _agreement(np.array(blogp[len(results)], np.float32), mgen, pid, bo,
-                                            same=mgen is bgen)
+        for p, pid, bo, mo, lb in zip(prompts, ids, bouts, mouts, blogp):
+            kld, top1, own_nll = _agreement(np.array(lb, np.float32), mgen, pid, bo, same=mgen is bgen)
             base_nll = _nll(bgen, pid, mo, bo, own_nll)
             ref = {"repeat4": repeat4(bo.tokens), "run": longest_run(bo.tokens), "distinct2": distinct2(bo.tokens),
                    "base_nll": own_nll, "entropy": entropy_bits(bo.tokens)}
             r = PromptResult(p, tok.detokenize(bo.tokens), tok.detokenize(mo.tokens), kld, top1,
                              repeat4(mo.tokens), longest_run(mo.tokens), distinct2(mo.tokens), base_nll,
                              entropy_bits(mo.tokens), (), ref)
-            results.append(PromptResult(**{**asdict(r), "failed": judge(r, thresholds)}))
+            results.append(replace(r, failed=judge(r, thresholds)))
         report(Progress("coherence", 4, 4, "done"))
-    name = lambda x: str(x) if isinstance(x, (str, Path)) else str(getattr(x, "path", x))  # noqa: E731
-    return CoherenceReport(name(model), name(base), results, thresholds, continuation,
+    return CoherenceReport(str(getattr(model, "path", model)), str(getattr(base, "path", base)), results,
+                           thresholds, continuation,
                            time.perf_counter() - t0, n_decoded / decode_s if decode_s else 0.0)
 
 
