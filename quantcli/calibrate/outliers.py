@@ -12,7 +12,7 @@ same bytes as one without them. `merge` combines the records of several files (`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,9 @@ class Thresholds:
     min_effect: float = 0.01  # confirmed: zeroing it changes perplexity by >= 1 % ...
     control_factor: float = 10.0  # ... and by >= 10x what zeroing the random control weights does
     control_weights: int = 64  # random weights of each tested tensor, zeroed together as the control
+
+    def __post_init__(self) -> None:  # a count, whether it comes as 64 or 64.0 (GGUF keeps these as floats)
+        object.__setattr__(self, "control_weights", int(self.control_weights))
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.__dict__.items()}
@@ -171,7 +174,6 @@ class Outliers:
         try:
             t = Thresholds(**{k: float(meta(f"quantcli.outliers.threshold.{k}", getattr(Thresholds, k)))
                               for k in Thresholds().to_dict()})
-            t = replace(t, control_weights=int(t.control_weights))
             p = "quantcli.super_weights."
             cols = [arr(p + k) for k in ("tensor", "row", "col", "value", "spike", "share", "effect", "control",
                                          "confirmed")]

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -112,7 +111,6 @@ class SuperWeightObserver(Observer, name="superweights"):
     def __init__(self, *, confirm_chunks: int = CONFIRM_CHUNKS, window: int = WINDOW, positions: int = POSITIONS,
                  max_candidates: int = MAX_CANDIDATES, thresholds: dict[str, float] | None = None) -> None:
         t = Thresholds(**(thresholds or {}))
-        t = replace(t, control_weights=int(t.control_weights))
         super().__init__(confirm_chunks=confirm_chunks, window=window, positions=positions,
                          max_candidates=max_candidates, thresholds=t.to_dict())
         self.t = t
@@ -131,7 +129,7 @@ class SuperWeightObserver(Observer, name="superweights"):
         self.k = min(self.n_confirm, chunks.shape[0])
 
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
-        self.il, self.w = il, weights
+        self.w = weights
         self.down = f"blk.{il}.ffn_down.weight"
         self.down_in, self.down_out, self.resid = _Channels(), _Channels(), _Channels()
         self.contrib: dict[str, np.ndarray] = {}  # per output channel at its maximum: col, share
