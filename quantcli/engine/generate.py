@@ -87,12 +87,22 @@ class Generator:
             raise UsageError("nothing to decode: no tokens")
         if caches[0].n + len(tokens) > self.n_ctx:
             raise UsageError(f"the context holds {self.n_ctx} tokens; {caches[0].n} + {len(tokens)} do not fit")
+        x = self.hidden(caches, tokens)
+        z = self.head(x if all_logits else x[-1:])
+        return z if all_logits else z[0]
+
+    def hidden(self, caches: list[LayerCache], tokens: list[int]) -> np.ndarray:
+        """feed without the output head: the last layer's output [T, n_embd] (`head` makes it logits;
+        several sequences' rows share one head matmul that way)."""
         m = self.model
         x = m.embed(np.asarray(tokens, np.int64))
         for il, w in enumerate(self.weights):
             x = m.layer(il, w, x, cache=caches[il])
-        z = m.logits(m.head_input(x if all_logits else x[-1:]), self.rows)
-        return z if all_logits else z[0]
+        return x
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        """Last-layer rows [n, n_embd] -> logits [n, n_vocab]."""
+        return self.model.logits(self.model.head_input(x), self.rows)
 
     def step(self, caches: list[list[LayerCache]], tokens: list[int]) -> np.ndarray:
         """One token for each of several sequences: logits [B, n_vocab]."""
@@ -100,7 +110,21 @@ class Generator:
         x = m.embed(np.asarray(tokens, np.int64))
         for il, w in enumerate(self.weights):
             x = m.layer(il, w, x, cache=[c[il] for c in caches])
-        return m.logits(m.head_input(x), self.rows)
+        return self.head(x)
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[list[LayerCache]], np.ndarray]:
+        """New caches holding each prompt, and the logits after each [B, n_vocab] (one head matmul)."""
+        if not prompts or any(not p for p in prompts):
+            raise UsageError("the prompt is empty")
+        if max(len(p) for p in prompts) > self.n_ctx:
+            raise UsageError(f"the context holds {self.n_ctx} tokens; a prompt of {max(len(p) for p in prompts)} does not fit")
+        caches = [self.new_caches() for _ in prompts]
+        counts = [len(p) for p in prompts]
+        m = self.model
+        x = m.embed(np.concatenate([np.asarray(p, np.int64) for p in prompts]))
+        for il, w in enumerate(self.weights):  # the prompts' rows share each linear
+            x = m.layer(il, w, x, cache=[c[il] for c in caches], counts=counts)
+        return caches, self.head(x[np.cumsum(counts) - 1])
 
     def generate(self, prompt: list[int], opts: GenerateOptions = GenerateOptions(),
                  on_logits: Callable[[np.ndarray], None] | None = None) -> Generation:
@@ -116,12 +140,9 @@ class Generator:
         one generator per prompt, seeded with opts.seed + its index. `on_logits(b, logits)` sees
         every distribution prompt b's next token is drawn from, in order."""
         opts.check()
-        if not prompts or any(not p for p in prompts):
-            raise UsageError("the prompt is empty")
         n = len(prompts)
         t0 = time.perf_counter()
-        caches = [self.new_caches() for _ in prompts]
-        logits = np.stack([self.feed(c, list(p)) for c, p in zip(caches, prompts)])
+        caches, logits = self.prefill(prompts)
         t1 = time.perf_counter()
         rngs = [np.random.default_rng(opts.seed + i) for i in range(n)]
         outs: list[list[int]] = [[] for _ in prompts]

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from quantcli.engine.config import ModelConfig
-from quantcli.engine.ops import (activation_type, attention, gelu, quantize_activations, rms_norm, rope,
-                                 rope_cache, round_fp16, silu)
+from quantcli.engine.ops import (activation_type, attention, decode_attention, gelu, quantize_activations,
+                                 rms_norm, rope, rope_cache, round_fp16, silu)
 from quantcli.engine.w8a8 import W8A8
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 from quantcli.errors import InputError
@@ -141,17 +141,22 @@ class Model:
 
     def layer(self, il: int, w: dict[str, np.ndarray], x: np.ndarray, hook: Hook | None = None,
               on_output: OutputHook | None = None,
-              cache: "LayerCache | list[LayerCache] | None" = None) -> np.ndarray:
+              cache: "LayerCache | list[LayerCache] | None" = None,
+              counts: list[int] | None = None) -> np.ndarray:
         """One transformer block on one chunk: x [T, n_embd] -> [T, n_embd]. `hook` sees every
         matmul's input (before the activation rounding or W8A8 quantization), `on_output` its output.
         With a `cache` (incremental decoding) x is the T tokens after the cache's positions: their
         k and v are appended to it and they attend to everything it holds. With a list of caches,
-        row b of x is the next token of sequence b (a batch of sequences decoded together)."""
+        x holds several sequences' next tokens, consecutive rows per sequence: `counts[b]` of them
+        for sequence b (one each by default: a batch decoded together)."""
         cfg = self.config
         T = x.shape[0]
         batch = isinstance(cache, list)
-        if batch and len(cache) != T:
-            raise ValueError(f"{len(cache)} caches for {T} rows")
+        if batch:
+            counts = [1] * len(cache) if counts is None else list(counts)
+            if len(counts) != len(cache) or sum(counts) != T:
+                raise ValueError(f"{len(cache)} caches with {sum(counts or [])} rows for {T} rows")
+            ends = np.cumsum([0] + counts)
 
         # q/k/v and gate/up share an input: round it once. The entry keeps its input alive, so
         # the id in the key cannot be reused by a later array.
@@ -195,7 +200,8 @@ class Model:
             cos, sin = rope_cache(T, cfg.n_rot, base, scale, self._freq_factors)
         else:  # rows are independent of the table's length: those of the tokens' positions
             first = cache[0] if batch else cache
-            pos = np.array([c.n for c in cache]) if batch else np.arange(cache.n, cache.n + T)
+            pos = (np.concatenate([np.arange(c.n, c.n + k) for c, k in zip(cache, counts)]) if batch
+                   else np.arange(cache.n, cache.n + T))
             cos, sin = first.rope(int(pos.max()) + 1, cfg.n_rot, base, scale, self._freq_factors)
             cos, sin = cos[pos], sin[pos]
         q = rope(q, cos, sin, cfg.rope_neox)  # [T, n_head, d]
@@ -208,9 +214,12 @@ class Model:
         if cfg.arch == "gemma3":  # gemma scales q before the product (gemma3.cpp)
             q *= np.float32(cfg.attn_scale)
             scale_qk = 1.0
-        if batch:  # each row against its own sequence's cache
-            a = np.concatenate([attention(q[b:b + 1], *c.append(k[b:b + 1], v[b:b + 1]), scale_qk, window)
-                                for b, c in enumerate(cache)])
+        if batch and T == len(cache):  # one new token per sequence, each against its own cache
+            a = decode_attention(q, [c.append(k[b:b + 1], v[b:b + 1]) for b, c in enumerate(cache)],
+                                 scale_qk, window)
+        elif batch:  # each sequence's rows against its own cache
+            a = np.concatenate([attention(q[r0:r1], *c.append(k[r0:r1], v[r0:r1]), scale_qk, window)
+                                for c, r0, r1 in zip(cache, ends[:-1], ends[1:])])
         else:
             if cache is not None:
                 k, v = cache.append(k, v)  # every position so far
@@ -276,6 +285,12 @@ class LayerCache:
         self.k[n:n + t], self.v[n:n + t] = k, v
         self.n = n + t
         return self.k[: self.n], self.v[: self.n]
+
+    def copy(self) -> "LayerCache":
+        """An independent cache of the same positions (a sequence forks), sharing the rope tables."""
+        c = LayerCache.__new__(LayerCache)
+        c.n, c.k, c.v, c._rope = self.n, self.k.copy(), self.v.copy(), self._rope
+        return c
 
     def share_rope(self, other: "LayerCache") -> None:
         """Use `other`'s rope tables (they depend on the layer's rope settings only)."""

@@ -197,3 +197,31 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window:
             p = softmax(s).reshape(g * (q1 - q0), p1 - k0)
             out[q0:q1, h] = (p @ vh[k0:p1]).reshape(g, q1 - q0, dv).transpose(1, 0, 2)
     return out.reshape(T, n_head * dv)
+
+
+def decode_attention(q: np.ndarray, kvs: list[tuple[np.ndarray, np.ndarray]], scale: float,
+                     window: int = 0) -> np.ndarray:
+    """`attention` for one new query of each of B sequences at once: q [B, n_head, d], kvs[b] the
+    keys [N_b, n_kv, d] and values [N_b, n_kv, dv] of sequence b (its query is its last position)
+    -> [B, n_head * dv]. The sequences are padded to the longest and the padding masked, so the
+    products run batched instead of one small product per sequence."""
+    B, n_head, d = q.shape
+    n_kv, dv = kvs[0][0].shape[1], kvs[0][1].shape[2]
+    g = n_head // n_kv
+    n = np.array([k.shape[0] for k, _ in kvs])
+    N = int(n.max())
+    K = np.zeros((B, n_kv, N, d), np.float32)
+    V = np.zeros((B, n_kv, N, dv), np.float32)
+    for b, (k, v) in enumerate(kvs):
+        K[b, :, : n[b]] = k.transpose(1, 0, 2)
+        V[b, :, : n[b]] = v.transpose(1, 0, 2)
+    j = np.arange(N)[None, :]
+    visible = j < n[:, None]
+    if window > 0:
+        visible &= (n[:, None] - 1 - j) < window
+    s = np.matmul(q.reshape(B, n_kv, g, d), K.transpose(0, 1, 3, 2))  # [B, n_kv, g, N]
+    s *= np.float32(scale)
+    s += np.where(visible, np.float32(0.0), np.float32(-np.inf))[:, None, None, :]
+    p = softmax(s)
+    return np.matmul(p, V).reshape(B, n_head * dv)
+

@@ -65,6 +65,35 @@ def test_attention_against_a_cache_is_the_last_rows_of_the_full_one():
         np.testing.assert_allclose(tail, full[-n:], rtol=1e-6, atol=1e-6)
 
 
+def test_batched_decode_attention_is_each_sequence_alone():
+    rng = np.random.default_rng(1)
+    lengths = (1, 9, 4, 13)
+    q = rng.standard_normal((len(lengths), 4, 8)).astype(np.float32)
+    kvs = [(rng.standard_normal((n, 2, 8)).astype(np.float32), rng.standard_normal((n, 2, 6)).astype(np.float32))
+           for n in lengths]
+    for window in (0, 5):
+        together = ops.decode_attention(q, kvs, 0.3, window)
+        for b, (k, v) in enumerate(kvs):
+            np.testing.assert_allclose(together[b], ops.attention(q[b:b + 1], k, v, 0.3, window)[0],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_of_several_prompts_is_each_fed_alone_and_caches_fork(tmp_path):
+    with open_model(_model(tmp_path, "gemma3")) as r:
+        tok = Tokenizer.from_model(r)
+        gen = Generator(Model(r))
+        prompts = [tok.encode(t) for t in ("the cat", "a hat on the mat and then the", "sat")]
+        caches, z = gen.prefill(prompts)
+        for b, p in enumerate(prompts):
+            alone = gen.new_caches()
+            np.testing.assert_allclose(z[b], gen.feed(alone, p), rtol=1e-4, atol=1e-4)
+            assert [c.n for c in caches[b]] == [len(p)] * len(alone)
+        fork = [c.copy() for c in caches[0]]
+        a = gen.step([caches[0]], [5])
+        assert fork[0].n == len(prompts[0])  # the original moved on, the copy did not
+        np.testing.assert_allclose(gen.step([fork], [5]), a, rtol=1e-5, atol=1e-5)
+
+
 def test_stop_tokens_end_it_and_seeded_sampling_repeats(tmp_path):
     with open_model(_model(tmp_path, "llama")) as r:
         gen = Generator(Model(r))
