@@ -2,7 +2,7 @@
 
 Per prompt (the shipped suite, `quantcli/data/coherence-prompts.txt`, or `--prompts FILE`), both
 models continue it greedily for up to `continuation` tokens (stopping at an end-of-generation
-token), decoded in one batch per model (`engine.generate`). Then:
+token), all prompts decoded together, one batched step per model per token (`_continue`). Then:
 
 - **agreement** on the base's own continuation, teacher-forced: the mean KL(base || model) of the
   next-token distributions and the share of positions where the model's top token is the base's;
@@ -18,6 +18,7 @@ A prompt is coherent when every threshold holds (`Thresholds`, calibrated in REA
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -77,7 +78,7 @@ class CoherenceReport:
     thresholds: Thresholds
     continuation: int
     seconds: float
-    tokens_per_second: float  # the model's decoding, batched over the prompts
+    tokens_per_second: float  # positions decoded per second after the prompts: both models, every stream, batched
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -149,10 +150,12 @@ def entropy_bits(tokens: list[int]) -> float:
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
-    """float32 in place (the rows are 262144 wide for Gemma; float64 would double the check's time)."""
+    """float32, in place, one scratch array (the rows are 262144 wide for Gemma: float64 would
+    double the check's time, and numpy's pairwise sums keep float32 accurate to ~1e-6 here)."""
     z = np.asarray(z, np.float32)
     z -= z.max(axis=-1, keepdims=True)
-    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    e = np.exp(z)
+    z -= np.log(e.sum(axis=-1, keepdims=True))
     return z
 
 
@@ -175,7 +178,7 @@ def check(model: Any, base: Any, prompts: list[str] | None = None, *, continuati
     """The coherence of `model` against `base` (paths or open readers) on `prompts`."""
     from contextlib import ExitStack
 
-    from quantcli.engine.generate import GenerateOptions, Generator
+    from quantcli.engine.generate import Generator
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
     from quantcli.formats import open_model
@@ -201,57 +204,144 @@ def check(model: Any, base: Any, prompts: list[str] | None = None, *, continuati
             k = max(range(len(ids)), key=lambda i: len(ids[i]))
             raise InputError(f"{source}: prompt {k + 1} has {longest} tokens; with a continuation of "
                              f"{continuation} it does not fit the check's context of {n_ctx}")
-        opts = GenerateOptions(max_tokens=continuation, stop=tok.eog_ids())
         bgen = Generator(bm, n_ctx)
-        report(Progress("coherence", 1, 4, "base continues"))
-        # the base's distributions as it continues: what the model is compared with (float16)
-        blogp: list[list[np.ndarray]] = [[] for _ in ids]
-        bouts = bgen.generate_batch(ids, opts, on_logits=lambda b, z: blogp[b].append(
-            _log_softmax(z.copy()).astype(np.float16)))
         mgen = Generator(mm, n_ctx) if mm is not bm else bgen
-        report(Progress("coherence", 2, 4, "model continues"))
-        mouts = mgen.generate_batch(ids, opts) if mgen is not bgen else bouts
-        decode_s = mouts[0].decode_seconds  # the batch's, the same for every prompt
-        n_decoded = sum(len(o.tokens) for o in mouts)
-        report(Progress("coherence", 3, 4, "teacher-forced"))
+        report(Progress("coherence", 1, 2, f"both models continue {len(ids)} prompts"))
+        tracks, decode_s, rows = _continue(bgen, mgen, ids, continuation, tok.eog_ids())
         results = []
-        for p, pid, bo, mo, lb in zip(prompts, ids, bouts, mouts, blogp):
-            kld, top1, own_nll = _agreement(np.array(lb, np.float32), mgen, pid, bo, same=mgen is bgen)
-            base_nll = _nll(bgen, pid, mo, bo, own_nll)
-            ref = {"repeat4": repeat4(bo.tokens), "run": longest_run(bo.tokens), "distinct2": distinct2(bo.tokens),
-                   "base_nll": own_nll, "entropy": entropy_bits(bo.tokens)}
-            r = PromptResult(p, tok.detokenize(bo.tokens), tok.detokenize(mo.tokens), kld, top1,
-                             repeat4(mo.tokens), longest_run(mo.tokens), distinct2(mo.tokens), base_nll,
-                             entropy_bits(mo.tokens), (), ref)
+        for p, t in zip(prompts, tracks):
+            n_b = max(len(t.base), 1)
+            own = t.own_nll / len(t.base) if t.base else 0.0
+            ref = {"repeat4": repeat4(t.base), "run": longest_run(t.base), "distinct2": distinct2(t.base),
+                   "base_nll": own, "entropy": entropy_bits(t.base)}
+            r = PromptResult(p, tok.detokenize(t.base), tok.detokenize(t.model), max(t.kl / n_b, 0.0), t.top1 / n_b,
+                             repeat4(t.model), longest_run(t.model), distinct2(t.model),
+                             t.model_nll / len(t.model) if t.model else 0.0, entropy_bits(t.model), (), ref)
             results.append(replace(r, failed=judge(r, thresholds)))
-        report(Progress("coherence", 4, 4, "done"))
+        report(Progress("coherence", 2, 2, "done"))
     return CoherenceReport(str(getattr(model, "path", model)), str(getattr(base, "path", base)), results,
                            thresholds, continuation,
-                           time.perf_counter() - t0, n_decoded / decode_s if decode_s else 0.0)
+                           time.perf_counter() - t0, rows / decode_s if decode_s else 0.0)
 
 
-def _teacher(gen: Any, prompt: list[int], cont: list[int]) -> np.ndarray:
-    """Log-probabilities [len(cont), V] of each continuation token's position, given what precedes."""
-    z = gen.feed(gen.new_caches(), prompt + cont[:-1] if cont else prompt, all_logits=True)
-    return _log_softmax(z[len(prompt) - 1:])
+@dataclass
+class _Track:
+    """One prompt's two continuations and the sums of its metrics, built step by step."""
+
+    base: list[int] = field(default_factory=list)  # the base's greedy continuation
+    model: list[int] = field(default_factory=list)  # the model's
+    base_done: bool = False
+    model_done: bool = False
+    forked: bool = False  # the continuations differ (or one has ended): four streams from here
+    kl: float = 0.0  # sum over the base's positions of KL(base || model), the model teacher-forced
+    top1: float = 0.0  # positions there where the model's top token is the base's
+    own_nll: float = 0.0  # the base's NLL of its own tokens
+    model_nll: float = 0.0  # the base's NLL of the model's tokens
+    caches: dict[str, Any] = field(default_factory=dict)  # stream -> its per-layer caches
 
 
-def _agreement(lb: np.ndarray, mgen: Any, prompt: list[int], bout: Any, same: bool) -> tuple[float, float, float]:
-    """(mean KL, top-1 agreement, the base's NLL of its own continuation) on the base's continuation;
-    lb: the base's log-probabilities at each of its steps (row i predicts token i)."""
-    cont = bout.tokens or [0]  # none: only the distribution after the prompt (the 0 is not fed)
-    lb = lb[: len(cont)]
-    lm = lb if same else _teacher(mgen, prompt, cont)
-    kl = float(np.mean(np.einsum("ij,ij->i", np.exp(lb), lb - lm, dtype=np.float64)))
-    top1 = float(np.mean(lm.argmax(axis=1) == lb.argmax(axis=1)))
-    own = float(-np.mean(lb[np.arange(len(bout.tokens)), bout.tokens])) if bout.tokens else 0.0
-    return max(kl, 0.0), top1, own
+def _rows(z: np.ndarray, need: list[bool] | None = None) -> list[tuple[np.ndarray | None, int]]:
+    """Logits [n, V] -> per row (its log-probabilities, or None where `need` says they are not
+    needed, and its first maximum). The log-softmax runs on row blocks in threads: numpy's ufuncs
+    release the GIL, and at 262144 columns it is a fifth of the check."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    top = z.argmax(axis=1)
+    idx = np.flatnonzero(need) if need is not None else np.arange(z.shape[0])
+    lp = z[idx] if len(idx) < z.shape[0] else z
+    workers = min(os.cpu_count() or 1, max(len(idx), 1))
+    blocks = np.array_split(np.arange(len(idx)), workers)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda r: _log_softmax(lp[r[0]:r[-1] + 1]) if len(r) else None, blocks))
+    rows: list[np.ndarray | None] = [None] * z.shape[0]
+    for j, i in enumerate(idx):
+        rows[i] = lp[j]
+    return list(zip(rows, (int(i) for i in top)))
 
 
-def _nll(bgen: Any, prompt: list[int], mout: Any, bout: Any, own: float) -> float:
-    if not mout.tokens:
-        return 0.0
-    if mout.tokens == bout.tokens:  # the base's own text: its NLL is known
-        return own
-    lb = _teacher(bgen, prompt, mout.tokens)
-    return float(-np.mean(lb[np.arange(len(mout.tokens)), mout.tokens]))
+def _continue(bgen: Any, mgen: Any, ids: list[list[int]], continuation: int,
+              stop: frozenset[int]) -> tuple[list[_Track], float, int]:
+    """Both models continue every prompt greedily, in lockstep, one batched step per model per
+    token. While the two continuations agree they share one stream per model; when they part, each
+    prompt forks into four: the base on its own text and the model teacher-forced on it (KL, top-1),
+    the model on its own text and the base teacher-forced on it (the base's NLL of it). Every
+    position's distributions are compared as they come, so nothing is kept and no text is fed
+    twice. Returns the tracks, the decoding seconds and the rows decoded (both models)."""
+    same = mgen is bgen
+    tracks = [_Track() for _ in ids]
+    bc, zb = bgen.prefill(ids)
+    mc, zm = (bc, zb) if same else mgen.prefill(ids)
+    for t, b_caches, m_caches in zip(tracks, bc, mc):
+        t.caches = {"base": b_caches, "model": m_caches}
+    # each live stream's log-probabilities for its next position, and its greedy token (the first
+    # maximum of the logits themselves: rounding in the log-softmax must not break a tie)
+    logits: dict[tuple[int, str], tuple[np.ndarray, int]] = {}
+    for b, (lb, tb) in enumerate(_rows(zb)):
+        logits[b, "base"] = logits[b, "model"] = (lb, tb)
+    if not same:
+        for b, row in enumerate(_rows(zm)):
+            logits[b, "model"] = row
+    room = bgen.n_ctx
+    t0 = time.perf_counter()
+    rows = 0
+    while True:
+        feed_b: list[tuple[int, str, int]] = []  # (prompt, stream, token) of the base's next step
+        feed_m: list[tuple[int, str, int]] = []
+        for b, t in enumerate(tracks):
+            if t.base_done and t.model_done:
+                continue
+            lb, tb = logits[b, "base"] if not t.base_done else (None, None)
+            if not t.forked:  # one prefix: the model's distribution there serves both comparisons
+                (lm, mtop), lbm = logits[b, "model"], lb
+                tm = mtop
+            else:
+                lm, mtop = logits[b, "model@base"] if not t.base_done else (None, None)
+                lbm, _ = logits[b, "base@model"] if not t.model_done else (None, None)
+                _, tm = logits[b, "model"] if not t.model_done else (None, None)
+            if tb is not None:  # a position of the base's continuation
+                if tb in stop and t.base:
+                    t.base_done = True
+                else:
+                    t.kl += float(np.dot(np.exp(lb), lb - lm))
+                    t.top1 += float(mtop == tb)
+                    if tb in stop:  # it ends at once: the one position after the prompt is compared
+                        t.base_done = True
+                    else:
+                        t.own_nll -= float(lb[tb])
+                        t.base.append(tb)
+                        t.base_done = len(t.base) >= continuation or len(ids[b]) + len(t.base) >= room
+            if tm is not None:  # a position of the model's continuation
+                if tm in stop:
+                    t.model_done = True
+                else:
+                    t.model_nll -= float(lbm[tm])
+                    t.model.append(tm)
+                    t.model_done = len(t.model) >= continuation or len(ids[b]) + len(t.model) >= room
+            if not t.forked and (t.base_done != t.model_done or (not t.base_done and tb != tm)):
+                t.forked = True
+                if not t.base_done:
+                    t.caches["model@base"] = [c.copy() for c in t.caches["model"]]
+                if not t.model_done:
+                    t.caches["base@model"] = [c.copy() for c in t.caches["base"]]
+            if not t.base_done:
+                feed_b.append((b, "base", tb))
+                if t.forked or not same:
+                    feed_m.append((b, "model@base" if t.forked else "model", tb))
+            if t.forked and not t.model_done:
+                feed_b.append((b, "base@model", tm))
+                feed_m.append((b, "model", tm))
+        if not feed_b and not feed_m:
+            break
+        logits = {}
+        for gen, feed in ((bgen, feed_b), (mgen, feed_m)):
+            if feed:
+                z = gen.step([tracks[b].caches[s] for b, s, _ in feed], [tok for _, _, tok in feed])
+                # the model on its own text, once forked, needs only its greedy token
+                need = [not (s == "model" and tracks[b].forked) for b, s, _ in feed]
+                logits.update({(b, s): row for (b, s, _), row in zip(feed, _rows(z, need))})
+                rows += len(feed)
+        if same:
+            for b, t in enumerate(tracks):
+                if (b, "base") in logits:
+                    logits[b, "model"] = logits[b, "base"]
+    return tracks, time.perf_counter() - t0, rows
