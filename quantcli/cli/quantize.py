@@ -12,7 +12,8 @@ from rich.table import Table
 
 from quantcli.cli.app import app
 from quantcli.cli.common import boundary, err, out, progress_bar
-from quantcli.errors import UsageError
+from quantcli.errors import UsageError, VerificationError
+from quantcli.pipelines import postcheck
 from quantcli.pipelines import quantize as pipeline
 
 
@@ -103,6 +104,10 @@ def quantize(
                                                "--super-weight-type."),
     super_weight_type: Optional[str] = typer.Option(None, "--super-weight-type", help="Type of the protected tensors "
                                                     f"(default {pipeline.DEFAULT_SUPER_WEIGHT_TYPE}; never lowers one)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the coherence check that follows ultra-low-bit "
+                                  "presets (IQ1_*, IQ2_*, TQ*, Q2_K*) and plans under 3 bpw."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 6 when that check finds the model incoherent "
+                                "(the file is kept)."),
     threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -131,18 +136,62 @@ def quantize(
         if not quiet and not as_json:
             err.print(f"[yellow]warning:[/] {escape(msg)}")
 
+    if strict and no_check:
+        raise UsageError("--strict fails on the coherence check that --no-check skips: give one of them")
     with progress_bar(quiet or as_json or dry_run, "quantize") as progress:
         result = pipeline.run(opts, progress, warn)
+    check = None
+    if not dry_run and not quiet and not as_json:
+        _render_written(result)
+    if not dry_run and not no_check and postcheck.wanted(preset, result.bpw):
+        def stage(msg: str) -> None:
+            if not quiet and not as_json:
+                err.print(escape(msg))
+
+        with progress_bar(quiet or as_json, "coherence") as progress:
+            check = postcheck.run(opts, result.plan, result.file_bytes or 0, progress, stage)
+        if not quiet and not as_json:
+            _render_check(check)
     if as_json:
-        typer.echo(json.dumps(result.to_json(), indent=1))
+        typer.echo(json.dumps({**result.to_json(), "coherence": check.to_json() if check else None}, indent=1))
     elif dry_run:
         render_plan(result)
-    elif not quiet:
-        resumed = f", resumed {result.resumed_units} layer unit(s) from checkpoints" if result.resumed_units else ""
-        err.print(f"wrote {result.output}: {result.bytes / 1e6:.1f} MB of tensors, {result.bpw:.3f} bpw, "
-                  f"{result.seconds:.1f} s{resumed}")
-        if result.allocation is not None:
-            err.print(_mix_line(result))
-        if result.protected is not None:
-            err.print(escape(_protected_line(result)))
-        err.print(escape(_size_line(result)))
+    if strict and check is not None and check.report is None:
+        raise VerificationError(f"{output}: the coherence check could not run (--strict; the file is kept): "
+                                f"{check.note}")
+    if strict and check is not None and not check.passed:
+        raise VerificationError(f"{output}: coherent on {100 * check.report.coherent:.1f}% of "
+                                f"{len(check.report.results)} prompts, below {100 * postcheck.PASS:.0f}% "
+                                "(--strict; the file is kept)")
+
+
+def _render_check(check: postcheck.PostCheck) -> None:
+    rep = check.report
+    if rep is None:
+        err.print(f"[yellow]warning:[/] {escape(check.note)}")
+        return
+    share = (f"coherence: {100 * rep.coherent:.1f}% of {len(rep.results)} prompts coherent against the input "
+             f"({rep.seconds:.0f} s)")
+    if check.passed:
+        err.print(escape(share))
+        return
+    err.print(f"[yellow]warning:[/] {escape(share)}, below {100 * postcheck.PASS:.0f}%: "
+              "this model may not produce sensible text")
+    s = check.suggestion
+    if s is not None:
+        err.print(escape(f"a hybrid of about the same size ({s.file_bytes:,} bytes) is coherent on "
+                         f"{100 * s.coherent:.1f}% (checked):"))
+        out.print(escape(s.command), soft_wrap=True)
+    else:
+        err.print(escape(check.note))
+
+
+def _render_written(result: pipeline.QuantizeResult) -> None:
+    resumed = f", resumed {result.resumed_units} layer unit(s) from checkpoints" if result.resumed_units else ""
+    err.print(f"wrote {result.output}: {result.bytes / 1e6:.1f} MB of tensors, {result.bpw:.3f} bpw, "
+              f"{result.seconds:.1f} s{resumed}")
+    if result.allocation is not None:
+        err.print(_mix_line(result))
+    if result.protected is not None:
+        err.print(escape(_protected_line(result)))
+    err.print(escape(_size_line(result)))

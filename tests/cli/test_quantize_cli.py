@@ -63,7 +63,7 @@ def _check_schema(doc: dict) -> None:
     types = {"schema": str, "output": (str, type(None)), "dry_run": bool, "tensors": list, "params": int,
              "bytes": int, "bpw": float, "file_bytes": int, "file_type": int, "fallbacks": int,
              "resumed_units": int, "seconds": float, "allocation": type(None), "protected": type(None),
-             "size": dict, "warnings": list}
+             "size": dict, "warnings": list, "coherence": type(None)}
     assert list(doc) == list(types)
     for key, want in types.items():
         assert type(doc[key]) in (want if isinstance(want, tuple) else (want,)), (key, doc[key])
