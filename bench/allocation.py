@@ -36,7 +36,7 @@ PRESETS = "Q2_K,Q3_K_M,Q4_K_M,IQ2_XXS,IQ3_XXS,IQ4_XS,IQ1_S"
 
 
 def quantcli(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "quantcli", "quantize", *args, "--json", "--force"]
+    cmd = [sys.executable, "-m", "quantcli", "quantize", *args, "--json", "--force", "--no-check"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"{' '.join(cmd)}\n{res.stderr}")

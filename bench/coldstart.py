@@ -98,7 +98,7 @@ def main() -> None:
         "quantize Q4_K_M": [qc, "quantize", str(model), str(tmp / "out.gguf"), "--type", "Q4_K_M",
                             "--force", "-q"],
         "quantize IQ2_XXS": [qc, "quantize", str(model), str(tmp / "out.gguf"), "--type", "IQ2_XXS",
-                             "--imatrix", str(imat), "--force", "-q"],
+                             "--imatrix", str(imat), "--force", "-q", "--no-check"],
         "verify Q4_K_M": [qc, "verify", str(q4), "--type", "Q4_K_M"],
     }
     if args.only:

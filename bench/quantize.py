@@ -73,7 +73,7 @@ def main() -> None:
         for preset in args.types.split(","):
             out = tmp / f"{preset}.gguf"
             ours_cmd = [sys.executable, "-m", "quantcli", "quantize", str(model), str(out), "--type",
-                        preset, "-j", str(args.threads), "-q", "--force"]
+                        preset, "-j", str(args.threads), "-q", "--force", "--no-check"]
             ref_cmd = ([str(llama), str(model), str(tmp / f"{preset}-llama.gguf"), preset, str(args.threads)]
                        if llama else None)
             timed(ours_cmd, env)  # untimed: fills the page cache, loads kernels, remembers the hash
