@@ -47,7 +47,12 @@ def create_temp(out: Path) -> tuple[int, str]:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     except OSError as exc:
         raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+    except BaseException:  # Ctrl-C here would leave a file nobody knows of
+        os.close(fd)
+        _remove(tmp)
+        raise
     return fd, tmp
 
 

@@ -96,7 +96,11 @@ class Writer:
         else:
             self.fd, tmp = create_temp(self.path)
             self.file = Path(tmp)
-        self._io(lambda: os.ftruncate(self.fd, self.size))
+        try:
+            self._io(lambda: os.ftruncate(self.fd, self.size))
+        except BaseException:  # an error or Ctrl-C before the caller holds the writer: nobody else can
+            self.abort()
+            raise
 
     # -- per format --------------------------------------------------------------------------------
     def layout(self, metadata: dict[str, Any], tensors: list[TensorSpec]) -> tuple[bytes, list[tuple[int, int]]]:
