@@ -62,15 +62,20 @@ def _identity(path: Path, st: os.stat_result) -> list:
     return [os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def cache_root() -> Path:
+    """quantcli's cache folder: `$QUANTCLI_CACHE_DIR`, else `$XDG_CACHE_HOME/quantcli`, else
+    `~/.cache/quantcli`."""
+    base = os.environ.get("QUANTCLI_CACHE_DIR")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "quantcli"
+
+
 def _cache_folder() -> Path | None:
     if os.environ.get("QUANTCLI_HASH_CACHE", "1").strip().lower() in ("0", "no", "off", "false"):
         return None
-    base = os.environ.get("QUANTCLI_CACHE_DIR")
-    if base:
-        return Path(base) / "sha256"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg) if xdg else Path.home() / ".cache"
-    return root / "quantcli" / "sha256"
+    return cache_root() / "sha256"
 
 
 def _read_entry(entry: Path, identity: list) -> str | None:
