@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, out
-from quantcli.errors import VerificationError
+from quantcli.cli.common import boundary, out, progress_bar
+from quantcli.errors import UsageError, VerificationError
 from quantcli.pipelines import verify as pipeline
 
 
@@ -21,16 +21,65 @@ def verify(
     file: Path = typer.Argument(..., help="GGUF (or safetensors) file to check."),
     preset: Optional[str] = typer.Option(None, "--type", "-t", help="Check every tensor's type against this preset."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="Check against this YAML layer profile."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Quality gates against this model (the F32/F16 "
+                                        "FILE was made from): perplexity, KL divergence, top-1, coherence."),
+    eval_text: Optional[Path] = typer.Option(None, "--eval-text", help="Text the perplexity and KL gates are "
+                                             "measured on (llama-perplexity's chunks)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", "-c", help="Tokens per chunk (default 512, or the gate file's)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks (default: all the text gives)."),
+    max_ppl_delta: Optional[float] = typer.Option(None, "--max-ppl-delta", help="Perplexity at most the base's + "
+                                                  "this (default 0.5 without a gate file)."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Perplexity at most the base's x this."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Mean KL(base || FILE) at most this, nats."),
+    max_kld_p99: Optional[float] = typer.Option(None, "--max-kld-p99", help="99th percentile of the KL at most this."),
+    min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Top-1 agreement with the base at least this (0-1)."),
+    min_coherence: Optional[float] = typer.Option(None, "--min-coherence", help="Share of the coherence suite's "
+                                                  "prompts coherent at least this (0-1)."),
+    gates: Optional[Path] = typer.Option(None, "--gates", help="YAML gate file: thresholds, ctx/chunks, per-preset "
+                                         "overrides (flags win over it)."),
+    base_cache: Optional[Path] = typer.Option(None, "--base-cache", help="Folder of the base's cached logits "
+                                              "(default: the quantcli cache folder)."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the checks as JUnit XML here."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON (schema quantcli.verify/1)."),
 ) -> None:
-    """Integrity, plan conformance, finite weights and the size contract; for CI."""
-    result = pipeline.run(pipeline.VerifyOptions(file, preset, profile))
+    """Integrity, plan conformance, finite weights, the size contract, and quality gates against a base; for CI."""
+    flags = {"max_ppl_delta": max_ppl_delta, "max_ppl_ratio": max_ppl_ratio, "max_kld": max_kld,
+             "max_kld_p99": max_kld_p99, "min_top1": min_top1, "min_coherence": min_coherence}
+    given = {k: v for k, v in flags.items() if v is not None}
+    for k, v in given.items():
+        if v < 0 or (k.startswith("min_") and v > 1):
+            raise UsageError(f"--{k.replace('_', '-')} must be >= 0" + (" and <= 1" if k.startswith("min_") else "")
+                             + f", got {v}")
+    quality = None
+    if base is None and (given or gates or eval_text or base_cache):
+        raise UsageError("the quality gates compare FILE with its base: pass --base BASE")
+    if base is not None:
+        file_gates, per_preset, sizes = pipeline.load_gates(gates) if gates else (dict(pipeline.DEFAULT_GATES), {}, {})
+        quality = pipeline.QualityOptions(base=base, text=eval_text, ctx=ctx or sizes.get("ctx", 512),
+                                          chunks=chunks or sizes.get("chunks"), gates=file_gates,
+                                          presets=per_preset, flags=given, cache_dir=base_cache)
+    if junit is not None:
+        from quantcli.formats.atomic import check_output
+
+        check_output(junit, [file], force=True)
+    with progress_bar(as_json or quality is None, "verify") as progress:
+        result = pipeline.run(pipeline.VerifyOptions(file, preset, profile, quality), progress)
+    if junit is not None:
+        from quantcli.formats.atomic import atomic_write
+
+        with atomic_write(junit) as fh:
+            fh.write(pipeline.junit_xml(result))
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=1))
     else:
         for c in result.checks:
             mark = "[green]pass[/]" if c.ok else "[bold red]FAIL[/]"
             out.print(f"{mark}  {c.name:<14} {escape(c.detail)}")
+        q = result.quality
+        if q and "base_cached" in q:
+            out.print(escape(f"base {q['base']}: {'cached' if q['base_cached'] else 'evaluated'} in "
+                             f"{q['base_seconds']:.1f} s; {file.name} in {q['model_seconds']:.1f} s "
+                             f"({q['chunks']} chunks of {q['ctx']}, {q['tokens']} tokens scored)"))
     if not result.ok:
         failed = [c.name for c in result.checks if not c.ok]
         if as_json:
