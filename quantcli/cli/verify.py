@@ -35,6 +35,10 @@ def verify(
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Top-1 agreement with the base at least this (0-1)."),
     min_coherence: Optional[float] = typer.Option(None, "--min-coherence", help="Share of the coherence suite's "
                                                   "prompts coherent at least this (0-1)."),
+    task: Optional[Path] = typer.Option(None, "--task", help="Multiple-choice task (JSON Lines: context, choices, "
+                                        "answer), scored on FILE and the base like lm-evaluation-harness's acc_norm."),
+    min_task_ratio: Optional[float] = typer.Option(None, "--min-task-ratio", help="--task accuracy at least this "
+                                                   "share of the base's (default 0.95 with --task)."),
     gates: Optional[Path] = typer.Option(None, "--gates", help="YAML gate file: thresholds, ctx/chunks, per-preset "
                                          "overrides (flags win over it)."),
     base_cache: Optional[Path] = typer.Option(None, "--base-cache", help="Folder of the base's cached logits "
@@ -44,20 +48,27 @@ def verify(
 ) -> None:
     """Integrity, plan conformance, finite weights, the size contract, and quality gates against a base; for CI."""
     flags = {"max_ppl_delta": max_ppl_delta, "max_ppl_ratio": max_ppl_ratio, "max_kld": max_kld,
-             "max_kld_p99": max_kld_p99, "min_top1": min_top1, "min_coherence": min_coherence}
+             "max_kld_p99": max_kld_p99, "min_top1": min_top1, "min_coherence": min_coherence,
+             "min_task_ratio": min_task_ratio}
     given = {k: v for k, v in flags.items() if v is not None}
+    if task is not None and min_task_ratio is None:
+        given["min_task_ratio"] = pipeline.DEFAULT_TASK_RATIO
     for k, v in given.items():
-        if v < 0 or (k.startswith("min_") and v > 1):
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 0" + (" and <= 1" if k.startswith("min_") else "")
+        if v < 0 or (k in pipeline.SHARES and v > 1):
+            raise UsageError(f"--{k.replace('_', '-')} must be >= 0" + (" and <= 1" if k in pipeline.SHARES else "")
                              + f", got {v}")
     quality = None
-    if base is None and (given or gates or eval_text or base_cache):
+    if base is None and (given or gates or eval_text or base_cache or task):
         raise UsageError("the quality gates compare FILE with its base: pass --base BASE")
     if base is not None:
-        file_gates, per_preset, sizes = pipeline.load_gates(gates) if gates else (dict(pipeline.DEFAULT_GATES), {}, {})
+        defaults = dict(pipeline.DEFAULT_GATES) if eval_text is not None else {}  # the default gate needs a text
+        file_gates, per_preset, sizes = pipeline.load_gates(gates) if gates else (defaults, {}, {})
+        if not file_gates and not given and not per_preset:
+            raise UsageError("no quality gate: pass --eval-text TEXT (perplexity +0.5 at most by default), "
+                             "a threshold, --task FILE or --gates FILE")
         quality = pipeline.QualityOptions(base=base, text=eval_text, ctx=ctx or sizes.get("ctx", 512),
                                           chunks=chunks or sizes.get("chunks"), gates=file_gates,
-                                          presets=per_preset, flags=given, cache_dir=base_cache)
+                                          presets=per_preset, flags=given, cache_dir=base_cache, task=task)
     if junit is not None:
         from quantcli.formats.atomic import check_output
 

@@ -119,12 +119,20 @@ class Generator:
         if max(len(p) for p in prompts) > self.n_ctx:
             raise UsageError(f"the context holds {self.n_ctx} tokens; a prompt of {max(len(p) for p in prompts)} does not fit")
         caches = [self.new_caches() for _ in prompts]
-        counts = [len(p) for p in prompts]
+        x = self.hidden_batch(caches, prompts)
+        return caches, self.head(x[np.cumsum([len(p) for p in prompts]) - 1])
+
+    def hidden_batch(self, caches: list[list[LayerCache]], tokens: list[list[int]]) -> np.ndarray:
+        """`hidden` for several sequences at once: sequence b's tokens after what caches[b] holds;
+        their rows share each linear. The last layer's rows [sum of lengths, n_embd], in order."""
+        if any(c[0].n + len(t) > self.n_ctx for c, t in zip(caches, tokens)):
+            raise UsageError(f"the context holds {self.n_ctx} tokens; a sequence does not fit")
+        counts = [len(t) for t in tokens]
         m = self.model
-        x = m.embed(np.concatenate([np.asarray(p, np.int64) for p in prompts]))
-        for il, w in enumerate(self.weights):  # the prompts' rows share each linear
+        x = m.embed(np.concatenate([np.asarray(t, np.int64) for t in tokens]))
+        for il, w in enumerate(self.weights):
             x = m.layer(il, w, x, cache=[c[il] for c in caches], counts=counts)
-        return caches, self.head(x[np.cumsum(counts) - 1])
+        return x
 
     def generate(self, prompt: list[int], opts: GenerateOptions = GenerateOptions(),
                  on_logits: Callable[[np.ndarray], None] | None = None) -> Generation:

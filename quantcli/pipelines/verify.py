@@ -38,7 +38,11 @@ BYTES_PER_32 = {Q.Q4_K: 18.0, Q.Q6_K: 26.25, Q.Q8_0: 34.0, Q.F16: 64.0, Q.F32: 1
 
 # quality gates: the option (gate-file key), the check it makes, the comparison
 GATES = {"max_ppl_delta": ("ppl_delta", "<="), "max_ppl_ratio": ("ppl_ratio", "<="), "max_kld": ("kld", "<="),
-         "max_kld_p99": ("kld_p99", "<="), "min_top1": ("top1", ">="), "min_coherence": ("coherence", ">=")}
+         "max_kld_p99": ("kld_p99", "<="), "min_top1": ("top1", ">="), "min_coherence": ("coherence", ">="),
+         "min_task_ratio": ("task_ratio", ">=")}
+DEFAULT_TASK_RATIO = 0.95  # with --task: acc_norm at least 95 % of the base's (the checklist's 95-98 %)
+NEEDS_NO_TEXT = ("min_coherence", "min_task_ratio")
+SHARES = ("min_top1", "min_coherence")  # thresholds in [0, 1]
 DEFAULT_GATES = {"max_ppl_delta": 0.5}  # the evaluation checklist's (spec 004): perplexity at most +0.5
 GATE_FILE_KEYS = set(GATES) | {"ctx", "chunks", "presets"}
 MAX_GATE_FILE_BYTES = 1 << 20
@@ -56,6 +60,7 @@ class QualityOptions:
     presets: dict[str, dict[str, float]] = field(default_factory=dict)  # a gate file's per-preset overrides
     flags: dict[str, float] = field(default_factory=dict)  # the command line's: over everything
     cache_dir: Path | None = None  # the base's logits (default: cache_root()/base-logits)
+    task: Path | None = None  # a multiple-choice task file (pipelines/tasks.py) for min_task_ratio
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,7 @@ def _quality(reader: ModelReader, opts: VerifyOptions, progress: ProgressFn | No
             raise InputError(f"{q.base}: the base is {bc.arch} ({bc.n_layer} layers, {bc.n_embd} wide, "
                              f"{bc.n_vocab} tokens), {opts.file} is {mc.arch} ({mc.n_layer} layers, {mc.n_embd} "
                              f"wide, {mc.n_vocab} tokens): not its base")
-        if any(k != "min_coherence" for k in gates):
+        if any(k not in NEEDS_NO_TEXT for k in gates):
             if q.text is None:
                 raise UsageError("the perplexity and KL gates need --eval-text TEXT")
             text = read_text(q.text)
@@ -213,8 +218,8 @@ def _quality(reader: ModelReader, opts: VerifyOptions, progress: ProgressFn | No
             meta = {"base_sha256": source_sha256(base), "tokens_sha256": hashlib.sha256(chunks.tobytes()).hexdigest(),
                     "ctx": q.ctx, "chunks": int(chunks.shape[0]), "n_vocab": bc.n_vocab, "kv_f16": pop.kv_f16,
                     "act_quant": pop.act_quant, "quantcli": quantcli.__version__}
-            folder = (q.cache_dir or cache_root() / "base-logits") / hashlib.sha256(
-                json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+            folder = (q.cache_dir or cache_root() / "base-logits") / _key(
+                meta)
             t0 = time.perf_counter()
             cached = base_logits.load(folder, meta)
             info["base_cached"] = cached is not None
@@ -231,6 +236,10 @@ def _quality(reader: ModelReader, opts: VerifyOptions, progress: ProgressFn | No
             figures.update(ppl_delta=cmp.perplexity - cmp.base_perplexity,
                            ppl_ratio=cmp.perplexity / cmp.base_perplexity, kld=cmp.kld_mean, kld_p99=cmp.kld_p99,
                            top1=cmp.top1_agreement)
+        if "min_task_ratio" in gates:
+            if q.task is None:
+                raise UsageError("the task gate needs --task FILE (multiple choice, JSON Lines)")
+            figures["task_ratio"] = _task(reader, base, q, info, progress)
         if "min_coherence" in gates:
             from quantcli.pipelines import coherence
 
@@ -246,6 +255,42 @@ def _quality(reader: ModelReader, opts: VerifyOptions, progress: ProgressFn | No
     return checks, info
 
 
+def _key(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _task(reader: ModelReader, base: ModelReader, q: QualityOptions, info: dict[str, Any],
+          progress: ProgressFn | None) -> float:
+    """acc_norm of the file over the base's on q.task; the base's score is cached like its logits."""
+    from quantcli.pipelines import tasks
+
+    items = tasks.load(q.task)
+    meta = {"base_sha256": source_sha256(base), "task_sha256": hashlib.sha256(Path(q.task).read_bytes()).hexdigest(),
+            "quantcli": quantcli.__version__, "kind": "task"}
+    entry = (q.cache_dir or cache_root() / "base-logits") / f"task-{_key(meta)}.json"
+    try:
+        got = json.loads(entry.read_text(encoding="utf-8"))
+        base_score = got["acc_norm"] if got.get("meta") == meta else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        base_score = None
+    info["task_base_cached"] = base_score is not None
+    if base_score is None:
+        b = tasks.score(base, items, progress=progress)
+        base_score = b.acc_norm
+        from quantcli.formats.atomic import atomic_write
+
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(entry, durable=False) as fh:
+                fh.write(json.dumps({"meta": meta, **b.to_json()}).encode())
+        except (OSError, QuantcliError):
+            pass  # a cache that cannot be written is only slower next time
+    mine = tasks.score(reader, items, progress=progress)
+    info.update(task=str(q.task), task_items=mine.items, task_acc=mine.acc, task_acc_norm=mine.acc_norm,
+                task_base_acc_norm=base_score)
+    return mine.acc_norm / base_score if base_score > 0 else (1.0 if mine.acc_norm == 0 else float("inf"))
+
+
 def _gate_detail(name: str, value: float, op: str, limit: float, info: dict[str, Any]) -> str:
     bound = f"{'max' if op == '<=' else 'min'} {limit:g}"
     if name == "ppl_delta":
@@ -257,6 +302,9 @@ def _gate_detail(name: str, value: float, op: str, limit: float, info: dict[str,
         return f"{'mean' if name == 'kld' else '99th percentile'} KL divergence {value:.6f} ({bound})"
     if name == "top1":
         return f"top-1 agreement {100 * value:.2f}% ({bound})"
+    if name == "task_ratio":
+        return (f"task acc_norm {100 * info['task_acc_norm']:.1f}% vs base {100 * info['task_base_acc_norm']:.1f}% "
+                f"on {info['task_items']} items: {value:.3f} of it ({bound})")
     return f"coherent on {100 * value:.1f}% of the prompts ({bound})"
 
 
@@ -313,9 +361,9 @@ def load_gates(path: Path) -> tuple[dict[str, float], dict[str, dict[str, float]
                 if not isinstance(value, int) or isinstance(value, bool) or value < (4 if k.value == "ctx" else 1):
                     raise UsageError(f"{where}: {k.value} must be a positive integer, got {v.value!r}")
             elif (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-                  or value < 0 or (k.value in ("min_top1", "min_coherence") and value > 1)):
+                  or value < 0 or (k.value in SHARES and value > 1)):
                 raise UsageError(f"{where}: {k.value} must be a number >= 0"
-                                 + (" and <= 1" if k.value.startswith("min_") else "") + f", got {v.value!r}")
+                                 + (" and <= 1" if k.value in SHARES else "") + f", got {v.value!r}")
             out[k.value] = value
         return out
 

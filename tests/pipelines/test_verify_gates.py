@@ -148,7 +148,8 @@ def test_a_base_of_another_model_and_bad_flags_are_one_line_errors(files, tmp_pa
     assert res.exit_code == 3 and "not its base" in " ".join(res.output.split())
     for args, code, message in ((["--max-kld", "0.1"], 2, "pass --base BASE"),
                                 (["--base", str(tmp / "base.gguf"), "--min-top1", "2"], 2, "must be >= 0 and <= 1"),
-                                (["--base", str(tmp / "base.gguf")], 2, "need --eval-text TEXT")):
+                                (["--base", str(tmp / "base.gguf")], 2, "no quality gate"),
+                                (["--base", str(tmp / "base.gguf"), "--max-kld", "1"], 2, "need --eval-text TEXT")):
         res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), *args])
         assert res.exit_code == code and message in " ".join(res.output.split()), res.output
 
