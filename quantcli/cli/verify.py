@@ -43,6 +43,8 @@ def verify(
                                          "overrides (flags win over it)."),
     base_cache: Optional[Path] = typer.Option(None, "--base-cache", help="Folder of the base's cached logits "
                                               "(default: the quantcli cache folder)."),
+    contracts: bool = typer.Option(False, "--contracts", help="Also the seeds' size contracts: QO-003, a "
+                                   "9B-parameter model's Q4_K/Q6_K/Q8_0/F16 sizes within 20% of 5/7/9/18 GB."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the checks as JUnit XML here."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON (schema quantcli.verify/1)."),
 ) -> None:
@@ -74,7 +76,7 @@ def verify(
 
         check_output(junit, [file], force=True)
     with progress_bar(as_json or quality is None, "verify") as progress:
-        result = pipeline.run(pipeline.VerifyOptions(file, preset, profile, quality), progress)
+        result = pipeline.run(pipeline.VerifyOptions(file, preset, profile, quality, contracts), progress)
     if junit is not None:
         from quantcli.formats.atomic import atomic_write
 

@@ -181,3 +181,18 @@ def test_on_the_real_model_q4_k_m_and_q8_0_pass_and_iq1_s_fails(real_f32, tmp_pa
     assert codes["Q4_K_M"][0] == 0 and codes["Q8_0"][0] == 0
     assert codes["IQ1_S"][0] == 6 and codes["IQ1_S"][1]["perplexity"] > codes["IQ1_S"][1]["base_perplexity"] + 0.5
     assert [q["base_cached"] for _, q in codes.values()] == [False, True, True]
+
+
+def test_contracts_plan_a_9b_model_at_each_type(files, monkeypatch):
+    tmp, _ = files
+    res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts", "--json"])
+    assert res.exit_code == 0, res.output
+    checks = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    sizes = {t: checks[f"qo003_{t}"]["figure"] / 1e9 for t in ("Q4_K", "Q6_K", "Q8_0", "F16")}
+    assert 8.9 < float(checks["qo003_F16"]["detail"].split("B-parameter")[0].split()[-1]) < 9.1
+    assert sizes["Q4_K"] < sizes["Q6_K"] < sizes["Q8_0"] < sizes["F16"]
+    assert all(abs(sizes[t] - gb) <= 0.2 * gb for t, gb in pipeline.CONCRETE_GB.items())
+    # a size far from the expectation fails the step (as a wrong block constant would)
+    monkeypatch.setitem(pipeline.CONCRETE_GB, "Q4_K", 3.0)
+    res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts"])
+    assert res.exit_code == 6 and "qo003_Q4_K" in res.output
