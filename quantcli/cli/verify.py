@@ -45,6 +45,10 @@ def verify(
                                               "(default: the quantcli cache folder)."),
     contracts: bool = typer.Option(False, "--contracts", help="Also the seeds' size contracts: QO-003, a "
                                    "9B-parameter model's Q4_K/Q6_K/Q8_0/F16 sizes within 20% of 5/7/9/18 GB."),
+    rebuild_from: Optional[Path] = typer.Option(None, "--rebuild-from", help="Remake FILE from this source with "
+                                                "the recipe it records and check the bytes are identical."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="--rebuild-from: the imatrix FILE was made with "
+                                           "(default: the path it records)."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Also write the checks as JUnit XML here."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON (schema quantcli.verify/1)."),
 ) -> None:
@@ -59,6 +63,8 @@ def verify(
         if v < 0 or (k in pipeline.SHARES and v > 1):
             raise UsageError(f"--{k.replace('_', '-')} must be >= 0" + (" and <= 1" if k in pipeline.SHARES else "")
                              + f", got {v}")
+    if imatrix is not None and rebuild_from is None:
+        raise UsageError("--imatrix is the rebuild's: pass --rebuild-from SOURCE too")
     quality = None
     if base is None and (given or gates or eval_text or base_cache or task):
         raise UsageError("the quality gates compare FILE with its base: pass --base BASE")
@@ -76,7 +82,8 @@ def verify(
 
         check_output(junit, [file], force=True)
     with progress_bar(as_json or quality is None, "verify") as progress:
-        result = pipeline.run(pipeline.VerifyOptions(file, preset, profile, quality, contracts), progress)
+        result = pipeline.run(pipeline.VerifyOptions(file, preset, profile, quality, contracts, rebuild_from, imatrix),
+                              progress)
     if junit is not None:
         from quantcli.formats.atomic import atomic_write
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import time
@@ -83,6 +84,8 @@ class QuantizeOptions:
     # super weights (imatrix --super-weights): the tensors that hold confirmed ones get at least this type
     protect_super_weights: bool = False
     super_weight_type: str | None = None  # default: DEFAULT_SUPER_WEIGHT_TYPE
+    date: str | None = None  # quantcli.date to record (verify --rebuild-from: the original's); None: now
+    imatrix_label: str | None = None  # quantize.imatrix.file to record instead of the path (a rebuild's)
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
     meta["general.quantization_version"] = KV(GGUFValueType.UINT32, QUANTIZATION_VERSION)
     meta["general.file_type"] = KV(GGUFValueType.UINT32, int(run.plan.file_type))
     if imatrix is not None and (opts.imatrix is not None or opts.calib is not None):
-        source = str(opts.imatrix) if opts.imatrix is not None else f"computed from {opts.calib}"
+        source = (opts.imatrix_label or str(opts.imatrix)) if opts.imatrix is not None else f"computed from {opts.calib}"
         meta["quantize.imatrix.file"] = KV(GGUFValueType.STRING, source[:127])
         if imatrix.datasets:
             meta["quantize.imatrix.dataset"] = KV(GGUFValueType.STRING, imatrix.datasets[0][:127])
@@ -163,9 +166,31 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
         "preset": run.plan.preset.name, "plan.sha256": run.plan.sha256,
         "profile": profile.name if profile else None,
         "profile.sha256": _file_hash(profile),
+        "recipe": json.dumps(recipe_of(opts, run.recipe), sort_keys=True),
         **run.recipe,
     }))
     return meta
+
+
+REBUILDABLE = ("preset", "include_weights", "exclude_weights", "output_tensor_type", "token_embedding_type",
+               "tensor_types", "pure", "leave_output_tensor", "allow_requantize", "override_kv",
+               "protect_super_weights", "super_weight_type")
+
+
+def recipe_of(opts: QuantizeOptions, transform: dict[str, Any]) -> dict[str, Any]:
+    """What remakes this file from its source (`quantcli.recipe`, read by verify --rebuild-from):
+    the flags, and the imatrix and profile by sha256. An automatic mix or a transform (smooth)
+    records what it was, which a rebuild cannot redo from flags alone."""
+    out: dict[str, Any] = {k: getattr(opts, k) for k in REBUILDABLE}
+    out["tensor_types"] = [list(t) for t in opts.tensor_types]
+    out.update({k: list(out[k]) for k in ("include_weights", "exclude_weights", "override_kv")})
+    out["imatrix_sha256"] = _file_hash(opts.imatrix)
+    out["profile_sha256"] = _file_hash(opts.profile)
+    if any(x is not None for x in (opts.target_size, opts.target_bpw, opts.max_kld)):
+        out["automatic"] = True
+    if any(not k.startswith("super_weights.") for k in transform):
+        out["transform"] = sorted(k for k in transform if not k.startswith("super_weights."))
+    return out
 
 
 # -- execution -------------------------------------------------------------------------------------
@@ -537,7 +562,7 @@ def _execute(run: _Run) -> int:
     manifest. A re-run verifies the recorded ranges and does only the rest. At the end the header
     is written and the file published onto the output. Returns the units resumed."""
     store, ckpt_dir = run.checkpoints()
-    date = store.extra.get("date") or run_date()  # a resumed run keeps its first timestamp
+    date = store.extra.get("date") or run.opts.date or run_date()  # a resumed run keeps its first timestamp
     if store.extra.get("date") != date:
         store.set_extra(date=date)
     plan = run.plan

@@ -70,6 +70,8 @@ class VerifyOptions:
     profile: Path | None = None
     quality: QualityOptions | None = None
     contracts: bool = False  # the seeds' size contracts (QO-001, QO-003) as named checks
+    rebuild_from: Path | None = None  # remake FILE from this source with its recorded recipe: same bytes?
+    imatrix: Path | None = None  # the rebuild's imatrix (default: the path FILE records)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,11 @@ def run(opts: VerifyOptions, progress: ProgressFn | None = None) -> VerifyResult
         result.checks.append(_size_contract(reader))
         if opts.contracts:
             result.checks.extend(concrete_sizes())
+        if opts.rebuild_from is not None:
+            from quantcli.pipelines.rebuild import rebuild
+
+            ok, detail, _ = rebuild(Path(opts.file), reader, opts.rebuild_from, opts.imatrix, opts.profile)
+            result.checks.append(Check("rebuild", ok, Path(opts.file).stat().st_size if ok else None, detail))
         if opts.quality is not None and all(c.ok for c in result.checks if c.name == "finite"):
             checks, result.quality = _quality(reader, opts, progress)
             result.checks.extend(checks)
