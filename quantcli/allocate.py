@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import InfeasibleTarget, InputError, UsageError
+from quantcli.inputs import read_small
 
 SCHEMA = "quantcli.sensitivity/1"
 MAX_UNITS = 1 << 18  # DP capacity states
@@ -180,12 +181,7 @@ class Measurement:
     @classmethod
     def load(cls, path: Path) -> "Measurement":
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise InputError(f"{path}: no such measurement file") from None
-        except OSError as exc:
-            raise InputError(f"{path}: cannot read the measurement: {exc.strerror}") from None
+        raw = read_small(path, "measurement")
         try:
             doc = json.loads(raw)
             if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:

@@ -33,6 +33,7 @@ import yaml
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from quantcli.errors import UsageError
+from quantcli.inputs import read_small_text
 from quantcli.names import layer_of
 
 MAX_PROFILE_BYTES = 1 << 20
@@ -206,19 +207,9 @@ def _check_type(name: Any, where: str, allow_copy: bool = False) -> str:
 
 def load(path: Path) -> Profile:
     path = Path(path)
+    text = read_small_text(path, "profile", ProfileError, MAX_PROFILE_BYTES)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile file") from None
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: profile is {len(raw)} bytes; the limit is {MAX_PROFILE_BYTES}")
-    try:
-        text = raw.decode("utf-8")
         root = _compose(text, path)
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "quantcli"
 
 # rank of each room: a module may import from rooms of its own rank or lower, never higher
 RANKS = {
-    "errors": 0, "progress": 0, "digests": 0, "names": 0, "registry": 0,
+    "errors": 0, "progress": 0, "digests": 0, "names": 0, "registry": 0, "inputs": 0,
     "codecs": 1,
     "formats": 2,
     "engine": 3, "checkpoint": 3, "convert": 3,

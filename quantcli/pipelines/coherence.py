@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import InputError
+from quantcli.inputs import read_small_text
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 
 SCHEMA = "quantcli.coherence/1"
@@ -97,14 +98,7 @@ class CoherenceReport:
 def load_prompts(path: Path | None = None) -> list[str]:
     """The prompts of a suite file (the shipped one without a path); errors name the file."""
     path = Path(path) if path is not None else PROMPTS
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such prompts file") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    text = read_small_text(path, "prompts")
     parts, cur, started = [], [], False
     for line in text.splitlines():
         if line.strip() == SEPARATOR:

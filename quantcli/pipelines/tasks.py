@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from quantcli.errors import InputError
+from quantcli.inputs import read_small_text
 from quantcli.progress import Progress, ProgressFn, progress_or_noop
 
 MAX_TASK_BYTES = 64 << 20
@@ -55,18 +56,7 @@ class TaskScore:
 def load(path: Path) -> list[Item]:
     """The items of a task file; a mistake names the file and line."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such task file") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_TASK_BYTES:
-        raise InputError(f"{path}: task file is {len(raw)} bytes; the limit is {MAX_TASK_BYTES}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    text = read_small_text(path, "task", limit=MAX_TASK_BYTES)
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -26,6 +26,7 @@ import quantcli
 from quantcli.digests import cache_root
 from quantcli.errors import InputError, QuantcliError, UsageError
 from quantcli.formats import ModelReader, open_model
+from quantcli.inputs import read_small_text
 from quantcli.pipelines.common import source_sha256
 from quantcli.progress import ProgressFn
 from quantcli.formats.gguf import type_nbytes
@@ -388,18 +389,9 @@ def load_gates(path: Path) -> tuple[dict[str, float], dict[str, dict[str, float]
     from quantcli.profiles import ProfileError, _compose
 
     path = Path(path)
+    text = read_small_text(path, "gate", UsageError, MAX_GATE_FILE_BYTES)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such gate file") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_GATE_FILE_BYTES:
-        raise UsageError(f"{path}: gate file is {len(raw)} bytes; the limit is {MAX_GATE_FILE_BYTES}")
-    try:
-        root = _compose(raw.decode("utf-8"), path)
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
+        root = _compose(text, path)
     except ProfileError as exc:
         raise UsageError(exc.message.replace("in profiles", "in gate files")) from None
     except yaml.YAMLError as exc:
