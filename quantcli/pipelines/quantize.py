@@ -166,7 +166,7 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
         "preset": run.plan.preset.name, "plan.sha256": run.plan.sha256,
         "profile": profile.name if profile else None,
         "profile.sha256": _file_hash(profile),
-        "recipe": json.dumps(recipe_of(opts, run.recipe), sort_keys=True),
+        "recipe": json.dumps(recipe_of(opts, run.recipe, run.transformed), sort_keys=True),
         **run.recipe,
     }))
     return meta
@@ -177,19 +177,23 @@ REBUILDABLE = ("preset", "include_weights", "exclude_weights", "output_tensor_ty
                "protect_super_weights", "super_weight_type")
 
 
-def recipe_of(opts: QuantizeOptions, transform: dict[str, Any]) -> dict[str, Any]:
+def recipe_of(opts: QuantizeOptions, recipe: dict[str, Any], transformed: bool) -> dict[str, Any]:
     """What remakes this file from its source (`quantcli.recipe`, read by verify --rebuild-from):
-    the flags, and the imatrix and profile by sha256. An automatic mix or a transform (smooth)
-    records what it was, which a rebuild cannot redo from flags alone."""
+    the flags, and the imatrix and profile by sha256. An automatic mix saved as a profile records
+    that profile (the profile remakes it byte for byte, so both files record the same); one not
+    saved, or a transformed model (smooth), records that it cannot be remade from flags alone."""
     out: dict[str, Any] = {k: getattr(opts, k) for k in REBUILDABLE}
     out["tensor_types"] = [list(t) for t in opts.tensor_types]
     out.update({k: list(out[k]) for k in ("include_weights", "exclude_weights", "override_kv")})
     out["imatrix_sha256"] = _file_hash(opts.imatrix)
     out["profile_sha256"] = _file_hash(opts.profile)
     if any(x is not None for x in (opts.target_size, opts.target_bpw, opts.max_kld)):
-        out["automatic"] = True
-    if any(not k.startswith("super_weights.") for k in transform):
-        out["transform"] = sorted(k for k in transform if not k.startswith("super_weights."))
+        if opts.save_profile is not None:
+            out["profile_sha256"] = recipe.get("profile.sha256")
+        else:
+            out["automatic"] = True
+    if transformed:
+        out["transform"] = True
     return out
 
 
@@ -220,6 +224,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     transform's provenance, `quantcli.<key>` entries in the output's metadata, and part of the
     checkpoint key (a resumed run must have made the same transform)."""
     warnings, warn_ = collect_warnings(warn)
+    transformed = reader is not None
 
     start = time.perf_counter()
     # the full sha256 of a large input takes a while (~0.6 s of a core per GB): a single file
@@ -249,7 +254,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
         elif opts.super_weight_type is not None:
             raise UsageError("--super-weight-type is the type of --protect-super-weights; pass that too")
         job = _Run(reader, opts, None, imatrix, progress_or_noop(progress), warn_,  # type: ignore[arg-type]
-                   early_hash or _Background(source_sha256, reader), recipe)
+                   early_hash or _Background(source_sha256, reader), recipe, transformed=transformed)
         mix = None
         if target is None:
             plan = make_plan(reader, opts, imatrix, warn_)
@@ -495,7 +500,7 @@ def _header_bytes(job: "_Run", plan: Plan, target: "allocation.Target", opts: Qu
     if opts.save_profile is not None:
         placeholder.update({"profile": Path(opts.save_profile).name, "profile.sha256": "0" * 64})
     probe = _Run(job.reader, opts, plan, job.imatrix, job.step, job.warn, job.source_hash,
-                 {**job.recipe, **placeholder})
+                 {**job.recipe, **placeholder}, transformed=job.transformed)
     return _layout(probe)[0]
 
 
@@ -535,6 +540,7 @@ class _Run:
     warn: Callable[[str], None]
     source_hash: "_Background"  # the input's sha256, still being computed
     recipe: dict[str, Any] = field(default_factory=dict)  # a transform's provenance (quantcli.<key>)
+    transformed: bool = False  # the model read is a transform of the input (smooth's)
     cleanup: list[Path] = field(default_factory=list)  # analysis checkpoints to remove after success
 
     def importance(self, p: PlannedTensor) -> np.ndarray | None:

@@ -34,10 +34,10 @@ def rebuild(file: Path, reader: ModelReader, source: Path, imatrix: Path | None 
     recipe = json.loads(str(raw))
     info: dict[str, Any] = {"recipe": recipe, "source": str(source)}
     if recipe.get("automatic"):
-        return False, ("an automatic mix: rebuild it with --profile of its saved mix (quantize --save-profile), "
-                       "not from flags"), info
+        return False, ("an automatic mix whose profile was not saved: only the analysis remakes it (quantize "
+                       "--save-profile records a mix that --rebuild-from can remake)"), info
     if recipe.get("transform"):
-        return False, f"made through a transform ({', '.join(recipe['transform'])}): rebuild it with that command", info
+        return False, "a transformed model (smooth): rebuild it with the command that made it", info
     want = reader.meta("quantcli.source.sha256")
     try:
         with open_source(Path(source), lambda _m: None) as src:
