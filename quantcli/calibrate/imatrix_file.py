@@ -61,6 +61,19 @@ class Imatrix:
             out = np.where(counts > 0, e.sums / np.where(counts > 0, counts, 1), np.float32(1))
         return out.astype(np.float32).reshape(-1)
 
+    def digest(self) -> str:
+        """sha256 of the statistics quantize uses (entry names, sums, counts): the same for two files
+        that differ only in what else they record (super weights, datasets, format)."""
+        import hashlib
+
+        h = hashlib.sha256(b"legacy" if self.is_legacy else b"gguf")
+        for name in sorted(self.entries):
+            e = self.entries[name]
+            h.update(name.encode() + b"\0")
+            h.update(np.ascontiguousarray(e.sums, "<f4").tobytes())
+            h.update(np.ascontiguousarray(e.counts, "<f4").tobytes())
+        return h.hexdigest()
+
     def filtered(self, include: list[str], exclude: list[str]) -> "Imatrix":
         """llama-quantize's --exclude-weights then --include-weights (substring matches)."""
         entries = {n: e for n, e in self.entries.items() if not any(s in n for s in exclude)}

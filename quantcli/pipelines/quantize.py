@@ -166,7 +166,7 @@ def output_metadata(run: "_Run", source_hash: str, date: str) -> dict[str, Any]:
         "preset": run.plan.preset.name, "plan.sha256": run.plan.sha256,
         "profile": profile.name if profile else None,
         "profile.sha256": _file_hash(profile),
-        "recipe": json.dumps(recipe_of(opts, run.recipe, run.transformed), sort_keys=True),
+        "recipe": json.dumps(recipe_of(opts, run.recipe, run.transformed, imatrix), sort_keys=True),
         **run.recipe,
     }))
     return meta
@@ -177,7 +177,8 @@ REBUILDABLE = ("preset", "include_weights", "exclude_weights", "output_tensor_ty
                "protect_super_weights", "super_weight_type")
 
 
-def recipe_of(opts: QuantizeOptions, recipe: dict[str, Any], transformed: bool) -> dict[str, Any]:
+def recipe_of(opts: QuantizeOptions, recipe: dict[str, Any], transformed: bool,
+              imatrix: imatrix_file.Imatrix | None = None) -> dict[str, Any]:
     """What remakes this file from its source (`quantcli.recipe`, read by verify --rebuild-from):
     the flags, and the imatrix and profile by sha256. An automatic mix saved as a profile records
     that profile (the profile remakes it byte for byte, so both files record the same); one not
@@ -185,7 +186,9 @@ def recipe_of(opts: QuantizeOptions, recipe: dict[str, Any], transformed: bool) 
     out: dict[str, Any] = {k: getattr(opts, k) for k in REBUILDABLE}
     out["tensor_types"] = [list(t) for t in opts.tensor_types]
     out.update({k: list(out[k]) for k in ("include_weights", "exclude_weights", "override_kv")})
-    out["imatrix_sha256"] = _file_hash(opts.imatrix)
+    # the imatrix by its statistics (after --include/--exclude-weights), not its file: records that
+    # do not change the quantization (super weights) do not change the recipe
+    out["imatrix_statistics_sha256"] = imatrix.digest() if imatrix is not None and opts.imatrix is not None else None
     out["profile_sha256"] = _file_hash(opts.profile)
     if any(x is not None for x in (opts.target_size, opts.target_bpw, opts.max_kld)):
         if opts.save_profile is not None:

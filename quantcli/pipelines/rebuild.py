@@ -48,18 +48,24 @@ def rebuild(file: Path, reader: ModelReader, source: Path, imatrix: Path | None 
         return False, (f"the source differs: {Path(source).name} has sha256 {have[:16]}..., {file.name} was made "
                        f"from {reader.meta('quantcli.source.file')} with sha256 {str(want)[:16]}..."), info
     opts_imatrix = None
-    if recipe.get("imatrix_sha256"):
+    if recipe.get("imatrix_statistics_sha256"):
+        from quantcli.calibrate import imatrix_file
+
         recorded = reader.meta("quantize.imatrix.file")
         path = Path(imatrix) if imatrix is not None else (Path(str(recorded)) if recorded else None)
         if imatrix is None and path is not None and not path.is_absolute() and not path.is_file():
             path = file.parent / path  # recorded relative to where quantize ran: try beside FILE
         if path is None or not path.is_file():
-            return False, (f"needs the imatrix it was made with (sha256 {recipe['imatrix_sha256'][:16]}..., recorded "
-                           f"as {recorded}): pass --imatrix FILE"), info
-        got = quantize._file_hash(path)
-        if got != recipe["imatrix_sha256"]:
-            return False, (f"the imatrix differs: {path} has sha256 {got[:16]}..., {file.name} was made with "
-                           f"{recipe['imatrix_sha256'][:16]}..."), info
+            return False, (f"needs the imatrix it was made with (recorded as {recorded}): pass --imatrix FILE"), info
+        try:
+            got = imatrix_file.load(path).filtered(list(recipe["include_weights"]),
+                                                   list(recipe["exclude_weights"])).digest()
+        except QuantcliError as exc:
+            return False, f"the imatrix cannot be read: {exc.message}", info
+        want = recipe["imatrix_statistics_sha256"]
+        if got != want:
+            return False, (f"the imatrix differs: the statistics of {path} have sha256 {got[:16]}..., {file.name} "
+                           f"was made with {want[:16]}..."), info
         opts_imatrix = path
     opts_profile = None
     if recipe.get("profile_sha256"):

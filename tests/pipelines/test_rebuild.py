@@ -50,7 +50,7 @@ def test_a_preset_file_with_flags_and_an_imatrix_rebuilds_identically(made):
     with open_model(tmp / "q4.gguf") as r:
         recipe = json.loads(r.meta("quantcli.recipe"))
     assert recipe["preset"] == "Q4_K_M" and recipe["tensor_types"] == [["ffn_down", "Q6_K"]]
-    assert recipe["imatrix_sha256"] and recipe["override_kv"] == ["general.name=str:rebuilt"]
+    assert recipe["imatrix_statistics_sha256"] and recipe["override_kv"] == ["general.name=str:rebuilt"]
     code, detail = _rebuild(tmp / "q4.gguf", "--rebuild-from", str(base))
     assert code == 0 and "identical bytes" in detail
 
