@@ -16,6 +16,7 @@ from quantcli.codecs.base import (
     Codec,
     check_finite_rows,
     get_codec,
+    named_types,
     registered_types,
     resolve_type,
 )
@@ -23,7 +24,7 @@ from quantcli.codecs.error import QuantError, error_of
 from quantcli.errors import NumericError, UsageError
 
 __all__ = ["Codec", "QuantError", "quantize", "quantize_with_error", "measure", "dequantize",
-           "get_codec", "load_kernels", "registered_types", "resolve_type"]
+           "get_codec", "load_kernels", "named_types", "registered_types", "resolve_type"]
 
 
 def quantize(
@@ -89,7 +90,7 @@ def _checked(x, ggml_type, importance):
         raise UsageError(f"quantize takes (rows, cols) input, got shape {x.shape}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
-    if cols % codec.block_size:
+    if cols % codec.block_size and not codec.partial_blocks:
         raise UsageError(
             f"{name} needs rows divisible by its block size {codec.block_size}; "
             f"row length is {cols}",
@@ -152,7 +153,7 @@ def dequantize(
     shape = tuple(int(s) for s in shape)
     cols = shape[-1] if shape else 1
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if cols % codec.block_size:
+    if cols % codec.block_size and not codec.partial_blocks:
         raise UsageError(
             f"{codec.ggml_type.name} rows must be multiples of {codec.block_size}; got {cols}"
         )

@@ -16,6 +16,19 @@ from quantcli.errors import NumericError, UsageError
 
 _REGISTRY: dict[GGMLQuantizationType, type["Codec"]] = {}
 
+
+class NamedType(str):
+    """The identity of a codec that is not a GGML type (`SYM4_B64`): a string with the `.name` the
+    GGML enum members have, so that messages and error reports treat both alike. GGUF cannot
+    hold these types; they are written in other formats (compressed-tensors)."""
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+
+_NAMED: dict[str, type["Codec"]] = {}
+
 # fp16 cannot hold more than this; a block scale above it would be written as Inf
 FP16_MAX = 65504.0
 
@@ -29,9 +42,24 @@ class Codec:
     type_size: ClassVar[int]
     requires_importance: ClassVar[bool] = False  # ggml refuses this type without quant_weights
     can_quantize: ClassVar[bool] = True  # False: read-only (decoded for input, never written)
+    partial_blocks: ClassVar[bool] = False  # True: a row's last block may be short (any row length)
 
-    def __init_subclass__(cls, ggml_type: GGMLQuantizationType | None = None, **kwargs) -> None:
+    def __init_subclass__(cls, ggml_type: GGMLQuantizationType | None = None, named_type: str | None = None,
+                          block_size: int | None = None, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if named_type is not None:  # a codec outside GGML, registered by its name
+            key = named_type.upper()
+            prior = _NAMED.get(key)
+            if prior is not None or key in GGMLQuantizationType.__members__:
+                owner = f"{prior.__module__}.{prior.__qualname__}" if prior else "a GGML type"
+                raise ValueError(f"type name {key} is already taken by {owner}; "
+                                 f"{cls.__module__}.{cls.__qualname__} cannot register it")
+            if not block_size:
+                raise ValueError(f"{cls.__qualname__}: a named codec needs block_size=")
+            cls.ggml_type = NamedType(key)  # type: ignore[assignment]
+            cls.block_size = block_size
+            _NAMED[key] = cls
+            return
         if ggml_type is None:
             return
         prior = _REGISTRY.get(ggml_type)
@@ -94,12 +122,19 @@ def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizat
     """`"Q4_K"`, `12` or `GGMLQuantizationType.Q4_K` -> the enum member; unknown names list the known."""
     if isinstance(ggml_type, GGMLQuantizationType):
         return ggml_type
+    if isinstance(ggml_type, NamedType):
+        return ggml_type  # type: ignore[return-value]
     if isinstance(ggml_type, str):
         name = ggml_type.strip().upper()
         try:
             return GGMLQuantizationType[name]
         except KeyError:
-            raise UsageError(f"unknown type '{ggml_type}'; known: {quantizable_names()}") from None
+            pass
+        _load_families()
+        if name in _NAMED:
+            return _NAMED[name].ggml_type  # type: ignore[return-value]
+        raise UsageError(f"unknown type '{ggml_type}'; known: {quantizable_names()}, and outside GGUF "
+                         f"{', '.join(_NAMED)}") from None
     try:
         return GGMLQuantizationType(int(ggml_type))
     except (ValueError, TypeError):
@@ -107,7 +142,7 @@ def resolve_type(ggml_type: "str | int | GGMLQuantizationType") -> GGMLQuantizat
 
 
 # the codec families, imported on first use so that `import quantcli` stays fast (numba is slow to load)
-FAMILIES = ("gguf_backed", "legacy", "kquants", "iq4", "iq3", "iq2", "iq1")
+FAMILIES = ("gguf_backed", "legacy", "kquants", "iq4", "iq3", "iq2", "iq1", "sym4")
 _loaded = False
 
 
@@ -128,6 +163,8 @@ def _load_families() -> None:
 def get_codec(ggml_type: "str | int | GGMLQuantizationType") -> type[Codec]:
     _load_families()
     qtype = resolve_type(ggml_type)
+    if isinstance(qtype, NamedType):
+        return _NAMED[qtype]
     try:
         return _REGISTRY[qtype]
     except KeyError:
@@ -138,6 +175,12 @@ def registered_types(quantizable: bool = True) -> list[GGMLQuantizationType]:
     """Types with a codec; with quantizable=True only those quantcli can write."""
     _load_families()
     return [t for t, c in _REGISTRY.items() if c.can_quantize or not quantizable]
+
+
+def named_types() -> list[NamedType]:
+    """The codecs that are not GGML types (GGUF cannot hold them): SYM4_B64."""
+    _load_families()
+    return [c.ggml_type for c in _NAMED.values()]  # type: ignore[misc]
 
 
 def quantizable_names() -> str:

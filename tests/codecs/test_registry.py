@@ -180,7 +180,8 @@ def test_each_type_has_one_codec_of_its_own():
 
 def test_unknown_names_list_the_known():
     known = ", ".join(ids(ENCODE))
-    with pytest.raises(UsageError, match=f"unknown type 'Q4K'; known: {known}$"):
+    named = ", ".join(t.name for t in codecs.named_types())
+    with pytest.raises(UsageError, match=f"unknown type 'Q4K'; known: {known}, and outside GGUF {named}$"):
         codecs.quantize(np.ones((1, 32), np.float32), "Q4K")
     with pytest.raises(UsageError, match=f"type Q8_K has no codec; known: {known}$"):
         codecs.get_codec("Q8_K")
