@@ -67,3 +67,15 @@ def progress_bar(quiet: bool, label: str) -> Iterator[Callable[[Step], None] | N
 
     with bar:
         yield update
+
+
+def lora_specs(paths: list, scales: list) -> tuple:
+    """--lora PATH (repeatable) and --lora-scale S (none, or one per --lora, in order)."""
+    from quantcli.convert.lora import AdapterSpec
+    from quantcli.errors import UsageError
+
+    if scales and len(scales) != len(paths):
+        raise UsageError(f"{len(scales)} --lora-scale for {len(paths)} --lora: give none (each scale 1) "
+                         "or one per adapter, in the same order")
+    return tuple(AdapterSpec(p, s) for p, s in zip(paths, scales or [1.0] * len(paths)))
+

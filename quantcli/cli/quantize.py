@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, err, out, progress_bar
+from quantcli.cli.common import boundary, err, lora_specs, out, progress_bar
 from quantcli.errors import UsageError, VerificationError
 from quantcli.pipelines import postcheck
 from quantcli.pipelines import quantize as pipeline
@@ -85,6 +85,10 @@ def quantize(
     pure: bool = typer.Option(False, "--pure", help="Every quantizable tensor gets the preset's default type."),
     leave_output_tensor: bool = typer.Option(False, "--leave-output-tensor", help="Keep output.weight unquantized."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Accept an already quantized input."),
+    lora: List[Path] = typer.Option([], "--lora", help="Merge this LoRA adapter (a PEFT directory or a llama.cpp "
+                                    "GGUF adapter) into the weights before quantizing (repeatable)."),
+    lora_scale: List[float] = typer.Option([], "--lora-scale", help="Scale S of each --lora, in order "
+                                           "(W + S * alpha/r * B A; default 1)."),
     override_kv: List[str] = typer.Option([], "--override-kv", help="KEY=TYPE:VALUE metadata override (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (tensor, type, reason, bytes); write nothing."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where layer checkpoints go (default: OUT.checkpoints)."),
@@ -130,6 +134,7 @@ def quantize(
         candidates=tuple(c for c in (candidates or "").split(",") if c.strip()), measurement=measurement,
         save_profile=save_profile, calib_chunks=calib_chunks, sensitivity_chunks=sensitivity_chunks, ctx=ctx,
         protect_super_weights=protect_super_weights, super_weight_type=super_weight_type,
+        lora=lora_specs(lora, lora_scale),
     )
 
     def warn(msg: str) -> None:

@@ -94,3 +94,18 @@ def open_source(path: Path, warn: Callable[[str], None]) -> ModelReader:
     warn(f"{path}: no config.json: tensors keep their own names and llama.cpp will not be able to "
          "run the output")
     return reader
+
+
+def merge_adapters(reader: ModelReader, adapters: tuple, allow_requantize: bool,
+                   warn: Callable[[str], None]) -> tuple[ModelReader, dict[str, Any]]:
+    """`reader` with LoRA `adapters` (convert.lora.AdapterSpec) merged, and the provenance to
+    record (`quantcli.lora`: each adapter's file, sha256, scale, alpha and rank); unchanged without."""
+    if not adapters:
+        return reader, {}
+    import json
+
+    from quantcli.convert import lora
+
+    view = lora.merged(reader, list(adapters), allow_requantize, warn)
+    return view, {"lora": json.dumps(view.provenance(), sort_keys=True)}
+

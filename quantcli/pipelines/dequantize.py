@@ -20,8 +20,8 @@ from quantcli import codecs
 from quantcli.errors import UsageError
 from quantcli.formats import ModelReader, TensorInfo, TensorSpec, create_writer, open_model
 from quantcli.formats.atomic import check_output
-from quantcli.pipelines.common import (Progress, ProgressFn, open_source, progress_or_noop, provenance,
-                                       source_sha256)
+from quantcli.pipelines.common import (Progress, ProgressFn, merge_adapters, open_source, progress_or_noop,
+                                       provenance, source_sha256)
 
 OUT_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 FILE_TYPES = {"F32": LlamaFileType.ALL_F32, "F16": LlamaFileType.MOSTLY_F16,
@@ -36,6 +36,7 @@ class DequantizeOptions:
     out_type: str = "F32"  # F32 | F16 | BF16
     out_format: str | None = None  # gguf | safetensors; None: from the output's suffix
     force: bool = False  # overwrite an existing output
+    lora: tuple = ()  # convert.lora.AdapterSpec: merged into the weights (in float32) before writing
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,14 @@ def run(opts: DequantizeOptions, progress: ProgressFn | None = None,
         raise UsageError(f"unknown output type '{opts.out_type}'; use F32, F16 or BF16")
     fmt = output_format(opts.output, opts.out_format)
     start = time.perf_counter()
-    with _open(opts.input, fmt, warn or (lambda _msg: None)) as reader:
-        check_output(opts.output, [opts.input], opts.force)
+    warn = warn or (lambda _msg: None)
+    with _open(opts.input, fmt, warn) as reader:
+        check_output(opts.output, [opts.input] + [Path(a.path) for a in opts.lora], opts.force)
+        # decoding a quantized base is what dequantize does: merging into it requantizes nothing
+        reader, merged = merge_adapters(reader, opts.lora, True, warn)
         from_hf = reader.format == "hf"
         plan = [(info, target_type(info, OUT_TYPES[out_type], from_hf)) for info in reader.tensors.values()]
-        meta = provenance(reader, source_sha256(reader))
+        meta = provenance(reader, source_sha256(reader), extra=merged)
         codecs.load_kernels(decode={i.ggml_type for i, q in plan if q is not None and i.ggml_type is not None},
                             encode={q for _, q in plan if q is not None})
         metadata = _metadata(reader, out_type, meta) if fmt == "gguf" else meta

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 from quantcli.errors import QuantcliError
 from quantcli.pipelines import coherence
-from quantcli.pipelines.common import open_source
+from quantcli.pipelines.common import merge_adapters, open_source
 from quantcli.plan import type_bpw
 from quantcli.progress import ProgressFn
 
@@ -95,6 +95,7 @@ def run(opts: Any, plan: list[Any], file_bytes: int, progress: ProgressFn | None
     its plan and file size) and, below PASS, look for a checked hybrid of about that size."""
     stage = on_stage or (lambda _s: None)
     with open_source(Path(opts.input), lambda _m: None) as base:
+        base, _ = merge_adapters(base, getattr(opts, "lora", ()), True, lambda _m: None)  # what was quantized
         need = memory_needed(base)
         have = memory_available()
         if have is not None and need > have:

@@ -37,7 +37,7 @@ from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.formats.base import KV, parse_override_kv
 from quantcli.names import layer_of
 from quantcli.pipelines import allocation
-from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, open_source,
+from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, merge_adapters, open_source,
                                        progress_or_noop, provenance, quick_fingerprint, run_date,
                                        source_sha256)
 from quantcli.pipelines.slices import Pipeline, chunk_bytes, read_slice, slices_of, write_slice
@@ -84,6 +84,7 @@ class QuantizeOptions:
     # super weights (imatrix --super-weights): the tensors that hold confirmed ones get at least this type
     protect_super_weights: bool = False
     super_weight_type: str | None = None  # default: DEFAULT_SUPER_WEIGHT_TYPE
+    lora: tuple = ()  # convert.lora.AdapterSpec: merged into the input before quantizing
     date: str | None = None  # quantcli.date to record (verify --rebuild-from: the original's); None: now
     imatrix_label: str | None = None  # quantize.imatrix.file to record instead of the path (a rebuild's)
 
@@ -197,6 +198,8 @@ def recipe_of(opts: QuantizeOptions, recipe: dict[str, Any], transformed: bool,
             out["automatic"] = True
     if transformed:
         out["transform"] = True
+    if recipe.get("lora"):
+        out["lora"] = [{"sha256": a["sha256"], "scale": a["scale"]} for a in json.loads(recipe["lora"])]
     return out
 
 
@@ -236,7 +239,8 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                   if not opts.dry_run and Path(opts.input).is_file() else None)
     with (open_source(opts.input, warn_) if reader is None else contextlib.nullcontext(reader)) as reader:
         if not opts.dry_run:
-            check_output(opts.output, [opts.input], opts.force)
+            check_output(opts.output, [opts.input] + [Path(a.path) for a in opts.lora], opts.force)
+        reader, merged = merge_adapters(reader, opts.lora, opts.allow_requantize, warn_)
         target = allocation.Target.of(opts.target_size, opts.target_bpw, opts.max_kld)
         if target is None and (opts.calib or opts.measurement or opts.save_profile or opts.candidates):
             raise UsageError("--calib, --measurement, --candidates and --save-profile choose an automatic mix: "
@@ -247,7 +251,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
         if opts.imatrix is not None:
             imatrix = imatrix_file.load(opts.imatrix).filtered(list(opts.include_weights),
                                                                list(opts.exclude_weights))
-        recipe = dict(recipe or {})
+        recipe = {**(recipe or {}), **merged}
         protected: dict[str, list[SuperWeight]] = {}
         if opts.protect_super_weights:
             protected, opts = _protect(reader, opts, imatrix, target is None, warn_)

@@ -38,6 +38,10 @@ def rebuild(file: Path, reader: ModelReader, source: Path, imatrix: Path | None 
                        "--save-profile records a mix that --rebuild-from can remake)"), info
     if recipe.get("transform"):
         return False, "a transformed model (smooth): rebuild it with the command that made it", info
+    if recipe.get("lora"):
+        shas = ", ".join(a["sha256"][:12] for a in recipe["lora"])
+        return False, (f"LoRA adapters were merged (sha256 {shas}): rebuild it with the command that made it, "
+                       "--lora included"), info
     want = reader.meta("quantcli.source.sha256")
     try:
         with open_source(Path(source), lambda _m: None) as src:
