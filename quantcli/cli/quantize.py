@@ -73,7 +73,7 @@ def _mix_line(result: pipeline.QuantizeResult) -> str:
 @boundary
 def quantize(
     input: Path = typer.Argument(..., help="F32/F16/BF16 GGUF, safetensors file or Hugging Face directory."),
-    output: Path = typer.Argument(..., help="Output GGUF file."),
+    output: Path = typer.Argument(..., help="Output GGUF file (a directory with --format compressed-tensors)."),
     preset: Optional[str] = typer.Option(None, "--type", "-t", help="llama.cpp preset (Q4_K_M, IQ4_XS, Q8_0, ...)."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="YAML layer profile (see profiles/README.md)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama.cpp GGUF or legacy .dat)."),
@@ -112,6 +112,10 @@ def quantize(
                                   "presets (IQ1_*, IQ2_*, TQ*, Q2_K*) and plans under 3 bpw."),
     strict: bool = typer.Option(False, "--strict", help="Exit 6 when that check finds the model incoherent "
                                 "(the file is kept)."),
+    out_format: str = typer.Option("gguf", "--format", help="gguf, or compressed-tensors: a Hugging Face "
+                                   "directory vLLM loads (with --scheme)."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="compressed-tensors scheme: W4A16 (int4 groups of "
+                                         "64, the SYM4_B64 codec) or W8A8 (int8, dynamic per-token activations)."),
     threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -134,7 +138,7 @@ def quantize(
         candidates=tuple(c for c in (candidates or "").split(",") if c.strip()), measurement=measurement,
         save_profile=save_profile, calib_chunks=calib_chunks, sensitivity_chunks=sensitivity_chunks, ctx=ctx,
         protect_super_weights=protect_super_weights, super_weight_type=super_weight_type,
-        lora=lora_specs(lora, lora_scale),
+        lora=lora_specs(lora, lora_scale), out_format=out_format.lower(), scheme=scheme,
     )
 
     def warn(msg: str) -> None:
@@ -145,6 +149,14 @@ def quantize(
         raise UsageError("--strict fails on the coherence check that --no-check skips: give one of them")
     with progress_bar(quiet or as_json or dry_run, "quantize") as progress:
         result = pipeline.run(opts, progress, warn)
+    if opts.out_format != "gguf":
+        if as_json:
+            typer.echo(json.dumps({**result.to_json(), "coherence": None}, indent=1))
+        elif not quiet:
+            s = result.size
+            err.print(f"wrote {result.output}: compressed-tensors {s['scheme']}, {s['quantized_linears']} linears "
+                      f"quantized, {result.bytes / 1e6:.1f} MB in {len(s['files'])} files, {result.seconds:.1f} s")
+        return
     check = None
     if not dry_run and not quiet and not as_json:
         _render_written(result)

@@ -1,9 +1,19 @@
-"""A GGUF-shaped model as a Hugging Face directory in compressed-tensors' W8A8 int8 format, which
-vLLM runs with its int8 kernels (`CompressedTensorsW8A8Int8`) and transformers loads.
+"""A GGUF-shaped model as a Hugging Face directory in compressed-tensors' format, which vLLM and
+transformers load: W8A8 int8 (`int-quantized`, vLLM's `CompressedTensorsW8A8Int8`) or W4A16
+(`pack-quantized`, vLLM's `CompressedTensorsWNA16`).
 
     result = write_compressed_tensors(reader, Path("out"), linears=["blk.0.attn_q.weight", ...])
+    result = write_compressed_tensors(reader, Path("out"), linears=[...], scheme="W4A16")
 
-What the directory holds:
+With scheme="W4A16" each chosen linear is stored as the SYM4_B64 codec (codecs/sym4.py, spec/001)
+computes it: `weight_packed` int32 [out, in/8] (eight 4-bit values per word, value + 8, the first in
+the lowest bits: compressed-tensors' `pack_to_int32`), `weight_scale` float32 [out, in/64]
+(max|x|/7 of each group of 64 along the row) and `weight_shape` int64 [2]; `quantization_config`
+is compressed-tensors' W4A16 preset with group_size 64 (num_bits 4, symmetric, strategy group,
+no activation quantization). Rows must split into groups of 64. The scales stay float32 so that
+decompressing gives the codec's values exactly; vLLM casts them to the model's dtype when it loads.
+
+What the W8A8 directory holds:
 
 - every chosen block linear as `weight` int8 [out, in] (symmetric, per output channel,
   round half to even, -127..127: `engine.w8a8.quantize_weight`, so vLLM multiplies by exactly the
@@ -44,6 +54,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from quantcli.codecs import sym4
 from quantcli.convert.to_hf import HFLayout, block_linear, hf_config, stored_dtype
 from quantcli.engine.w8a8 import QMAX, quantize_weight
 from quantcli.errors import InputError, NumericError, OutputError, UsageError
@@ -54,6 +65,8 @@ from quantcli.formats.safetensors import INDEX_NAME, SINGLE_NAME
 from quantcli.pipelines.common import Progress, ProgressFn, progress_or_noop
 
 ACTIVATIONS = ("dynamic", "static")
+SCHEMES = ("W8A8", "W4A16")
+GROUP = 64  # W4A16's group size: the SYM4_B64 block
 SCHEMA_VERSION = "0.20.1"  # the compressed-tensors release whose config.json layout this writes
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja", "added_tokens.json", "vocab.json",
@@ -67,7 +80,7 @@ FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 class CTResult:
     out_dir: Path
     files: tuple[str, ...]  # written into out_dir, in order
-    n_quantized: int  # block linears stored int8
+    n_quantized: int  # block linears stored int8 (W8A8) or int4 (W4A16)
     bytes: int  # of all the files
     warnings: tuple[str, ...]
 
@@ -89,24 +102,30 @@ def _nbytes(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * SAFETENSORS_DTYPES[spec.type][1]
 
 
-def quantization_config(activations: str, ignore: list[str]) -> dict[str, Any]:
-    """config.json's `quantization_config` for int8 W8A8: weights per channel; activations per
-    token and dynamic, or (static) one scale per tensor from calibration."""
+def quantization_config(activations: str, ignore: list[str], scheme: str = "W8A8") -> dict[str, Any]:
+    """config.json's `quantization_config`: for int8 W8A8, weights per channel and activations per
+    token and dynamic, or (static) one scale per tensor from calibration; for W4A16, weights int4
+    symmetric in groups of 64 and activations as they are."""
 
-    def args(strategy: str, dynamic: bool) -> dict[str, Any]:
-        return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": strategy,
+    def args(strategy: str, dynamic: bool, bits: int = 8, group: int | None = None) -> dict[str, Any]:
+        return {"num_bits": bits, "type": "int", "symmetric": True, "group_size": group, "strategy": strategy,
                 "dynamic": dynamic}
 
     static = activations == "static"
+    if scheme == "W4A16":
+        weights, inputs, fmt = args("group", False, 4, GROUP), None, "pack-quantized"
+    else:
+        weights, inputs = args("channel", False), args("tensor", False) if static else args("token", True)
+        fmt = "int-quantized"
     return {
         "config_groups": {"group_0": {
             "targets": ["Linear"],
-            "weights": args("channel", False),
-            "input_activations": args("tensor", False) if static else args("token", True),
+            "weights": weights,
+            "input_activations": inputs,
             "output_activations": None,
             "format": None,
         }},
-        "format": "int-quantized",
+        "format": fmt,
         "global_compression_ratio": None,
         "ignore": ignore,
         "kv_cache_scheme": None,
@@ -123,17 +142,21 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
                              input_max: Mapping[str, float] | None = None, source_config: dict | None = None,
                              tokenizer_dir: Path | None = None, metadata: Mapping[str, str] | None = None,
                              force: bool = False, progress: ProgressFn | None = None,
-                             shard_bytes: int = 5 * 2**30) -> CTResult:
+                             shard_bytes: int = 5 * 2**30, scheme: str = "W8A8") -> CTResult:
     """Write `reader`'s model to `out_dir` (see the module's docstring). `linears`: GGUF names of the
-    block linears to store int8; `input_max`: max|x| of each one's input (static activations only);
+    block linears to quantize; `input_max`: max|x| of each one's input (W8A8 static activations only);
     `source_config`: the source directory's config.json (None: made from the GGUF metadata)."""
     step = progress_or_noop(progress)
+    if scheme not in SCHEMES:
+        raise UsageError(f"unknown scheme '{scheme}'; known: {', '.join(SCHEMES)}")
     if activations not in ACTIVATIONS:
         raise UsageError(f"unknown activation scheme '{activations}'; known: {', '.join(ACTIVATIONS)}")
+    if scheme == "W4A16" and activations != "dynamic":
+        raise UsageError("W4A16 quantizes no activations: static activation scales belong to W8A8")
     if shard_bytes <= 0:
         raise UsageError(f"shard_bytes must be positive, not {shard_bytes}")
     out = Path(out_dir)
-    chosen = _check_linears(reader, linears)
+    chosen = _check_linears(reader, linears, scheme)
     scales = _input_scales(chosen, input_max) if activations == "static" else {}
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise InputError(f"{tokenizer_dir}: no such tokenizer directory")
@@ -142,11 +165,11 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
     config = copy.deepcopy(dict(source_config)) if source_config is not None else hf_config(reader)
     config.pop("quantization_config", None)
     layout = HFLayout.of(reader, config)
-    jobs = _plan(reader, layout, chosen, static=activations == "static")
+    jobs = _plan(reader, layout, chosen, static=activations == "static", scheme=scheme)
     if chosen:
         ignore = ["lm_head"] + [layout.module(n) for n in reader.tensors
                                 if block_linear(n) is not None and n not in chosen]
-        config["quantization_config"] = quantization_config(activations, ignore)
+        config["quantization_config"] = quantization_config(activations, ignore, scheme)
     warnings = _decoded_warning(reader, jobs)
 
     tmp = _temp_dir(out)
@@ -172,23 +195,27 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
 # -- checks --------------------------------------------------------------------------------------
 
 
-def _check_linears(reader: Any, linears: Iterable[str]) -> set[str]:
+def _check_linears(reader: Any, linears: Iterable[str], scheme: str = "W8A8") -> set[str]:
     """The chosen block linears, after checking that vLLM can run them as chosen."""
     chosen = set(linears)
+    what = "int4" if scheme == "W4A16" else "int8"
     for name in sorted(chosen):
         if name not in reader.tensors:
-            raise UsageError(f"{reader.path}: no tensor named '{name}' to store as int8")
+            raise UsageError(f"{reader.path}: no tensor named '{name}' to store as {what}")
         if block_linear(name) is None or len(reader.tensors[name].shape) != 2:
-            raise UsageError(f"'{name}' cannot be stored as int8: only block linears' weights can "
+            raise UsageError(f"'{name}' cannot be stored as {what}: only block linears' weights can "
                              "(blk.N.attn_q/attn_k/attn_v/attn_output/ffn_gate/ffn_up/ffn_down.weight); "
                              "the output head and the embeddings stay as they are")
+        if scheme == "W4A16" and reader.tensors[name].shape[1] % GROUP:
+            raise UsageError(f"'{name}' has rows of {reader.tensors[name].shape[1]} values, which do not split "
+                             f"into W4A16's groups of {GROUP}", hint="leave it out of the quantized linears")
     for name in sorted(chosen):
         layer, kind = block_linear(name)  # type: ignore[misc]
         group = next((g for g in FUSED if kind in g), (kind,))
         members = [f"blk.{layer}.{k}.weight" for k in group if f"blk.{layer}.{k}.weight" in reader.tensors]
         left = [m for m in members if m not in chosen]
         if left:
-            raise UsageError(f"{name} is chosen for int8 but {', '.join(left)} is not: vLLM runs "
+            raise UsageError(f"{name} is chosen for {what} but {', '.join(left)} is not: vLLM runs "
                              f"{' + '.join(group)} of a layer as one matmul with one scheme",
                              hint="quantize all of them or none")
     return chosen
@@ -239,13 +266,19 @@ def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
 # -- the plan ------------------------------------------------------------------------------------
 
 
-def _plan(reader: Any, layout: HFLayout, chosen: set[str], static: bool) -> list[_Job]:
+def _plan(reader: Any, layout: HFLayout, chosen: set[str], static: bool, scheme: str = "W8A8") -> list[_Job]:
     jobs = []
     for name, info in reader.tensors.items():
         hf = layout.name(name)
         if hf is None:
             continue
-        if name in chosen:
+        if name in chosen and scheme == "W4A16":
+            module, (n_out, n_in) = layout.module(name), info.shape
+            specs = [TensorSpec(f"{module}.weight_packed", (n_out, n_in // 8), "I32"),
+                     TensorSpec(f"{module}.weight_scale", (n_out, n_in // GROUP), "F32"),
+                     TensorSpec(f"{module}.weight_shape", (2,), "I64")]
+            jobs.append(_Job(name, tuple(specs), True))
+        elif name in chosen:
             module, (n_out, n_in) = layout.module(name), info.shape
             specs = [TensorSpec(f"{module}.weight", (n_out, n_in), "I8"),
                      TensorSpec(f"{module}.weight_scale", (n_out, 1), "F32")]
@@ -315,7 +348,13 @@ def _tensors(reader: Any, layout: HFLayout, job: _Job, scales: Mapping[str, np.f
         yield spec.name, _cast(x, spec.type, job.source)
         return
     if not np.isfinite(x).all():
-        raise NumericError(f"{job.source}: NaN or Inf weights cannot be quantized to int8")
+        raise NumericError(f"{job.source}: NaN or Inf weights cannot be quantized")
+    if job.specs[0].name.endswith(".weight_packed"):  # W4A16: the SYM4_B64 codec's values
+        q4, scale4 = sym4.quantize_values(x)  # [out, in] int8 in [-7, 7], [out, in/64] float32
+        yield job.specs[0].name, sym4.pack_nibbles(q4).view("<i4")  # [out, in/8]
+        yield job.specs[1].name, scale4
+        yield job.specs[2].name, np.array(x.shape, np.int64)
+        return
     q, scale = quantize_weight(x)  # [out, in] int8, [out] float32
     yield job.specs[0].name, q
     yield job.specs[1].name, scale.reshape(-1, 1)

@@ -85,6 +85,8 @@ class QuantizeOptions:
     protect_super_weights: bool = False
     super_weight_type: str | None = None  # default: DEFAULT_SUPER_WEIGHT_TYPE
     lora: tuple = ()  # convert.lora.AdapterSpec: merged into the input before quantizing
+    out_format: str = "gguf"  # or "compressed-tensors": a Hugging Face directory for vLLM (with scheme)
+    scheme: str | None = None  # compressed-tensors: W4A16 (int4 groups of 64, the SYM4_B64 codec) or W8A8
     date: str | None = None  # quantcli.date to record (verify --rebuild-from: the original's); None: now
     imatrix_label: str | None = None  # quantize.imatrix.file to record instead of the path (a rebuild's)
 
@@ -231,6 +233,8 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     checkpoint key (a resumed run must have made the same transform)."""
     warnings, warn_ = collect_warnings(warn)
     transformed = reader is not None
+    if opts.out_format != "gguf" or opts.scheme is not None:
+        return run_compressed_tensors(opts, progress, warn_, warnings)
 
     start = time.perf_counter()
     # the full sha256 of a large input takes a while (~0.6 s of a core per GB): a single file
@@ -295,6 +299,68 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
                 fh.write(profile.encode())
     return QuantizeResult(output=opts.output, resumed_units=resumed,
                           seconds=time.perf_counter() - start, warnings=warnings, **summary)
+
+
+# -- compressed-tensors ---------------------------------------------------------------------------
+
+CT_FLAGS = ("preset", "profile", "imatrix", "output_tensor_type", "token_embedding_type", "target_size",
+            "target_bpw", "max_kld", "calib", "measurement", "save_profile", "checkpoint_dir")
+
+
+def run_compressed_tensors(opts: QuantizeOptions, progress: ProgressFn | None, warn: Callable[[str], None],
+                           warnings: list[str]) -> QuantizeResult:
+    """`quantize IN OUT --format compressed-tensors --scheme W4A16|W8A8`: every block linear whose
+    rows allow it quantized (W4A16: groups of 64 by the SYM4_B64 codec; W8A8: int8 per channel,
+    dynamic per-token activations), everything else in its stored dtype, as a directory vLLM loads."""
+    from quantcli.pipelines import compressed_tensors as ct
+
+    if opts.out_format != "compressed-tensors":
+        raise UsageError(f"--scheme {opts.scheme} is a compressed-tensors scheme: add --format compressed-tensors"
+                         if opts.out_format == "gguf" else
+                         f"unknown output format '{opts.out_format}'; use gguf or compressed-tensors")
+    scheme = (opts.scheme or "").upper()
+    if scheme not in ct.SCHEMES:
+        raise UsageError(f"--format compressed-tensors needs --scheme {' or '.join(ct.SCHEMES)}"
+                         + (f", not '{opts.scheme}'" if opts.scheme else ""))
+    given = [f"--{k.replace('_', '-')}" for k in CT_FLAGS if getattr(opts, k) is not None]
+    given += [f"--{k.replace('_', '-')}" for k in ("tensor_types", "pure", "leave_output_tensor") if getattr(opts, k)]
+    if given:
+        raise UsageError(f"{', '.join(given)} choose GGUF types; --format compressed-tensors writes "
+                         f"{scheme} (leave them out)")
+    if opts.dry_run:
+        raise UsageError("--dry-run prints a GGUF plan; it does not apply to --format compressed-tensors")
+    start = time.perf_counter()
+    with open_source(opts.input, warn) as reader:
+        reader, merged = merge_adapters(reader, opts.lora, opts.allow_requantize, warn)
+        from quantcli.convert.to_hf import block_linear
+
+        linears = [n for n, i in reader.tensors.items() if block_linear(n) is not None and len(i.shape) == 2]
+        if scheme == "W4A16":
+            skipped = {n for n in linears if reader.tensors[n].shape[1] % ct.GROUP}
+            for n in list(skipped):  # vLLM runs q/k/v and gate/up as one matmul: all or none of them
+                layer, kind = block_linear(n)  # type: ignore[misc]
+                group = next((g for g in ct.FUSED if kind in g), (kind,))
+                skipped |= {f"blk.{layer}.{k}.weight" for k in group}
+            if skipped:
+                warn(f"{len(skipped)} linears (e.g. {sorted(skipped)[0]}) have rows that do not split into groups "
+                     f"of {ct.GROUP}: kept in their stored dtype")
+            linears = [n for n in linears if n not in skipped]
+        header = {k: str(v) for k, v in provenance(reader, source_sha256(reader), extra={
+            "scheme": scheme, "codec": "SYM4_B64" if scheme == "W4A16" else "int8 per channel", **merged}).items()}
+        source = Path(opts.input)
+        res = ct.write_compressed_tensors(
+            reader, Path(opts.output), linears=linears, scheme=scheme,
+            source_config=getattr(getattr(reader, "source", None), "config", None) or None,
+            tokenizer_dir=source if source.is_dir() else None, metadata=header, force=opts.force,
+            progress=progress)
+        for w in res.warnings:
+            warn(w)
+        params = sum(i.n_params for i in reader.tensors.values())
+    return QuantizeResult(output=opts.output, plan=[], params=params, bytes=res.bytes,
+                          bpw=8.0 * res.bytes / max(params, 1), file_type=0, fallbacks=0,
+                          seconds=time.perf_counter() - start, warnings=warnings, file_bytes=res.bytes,
+                          size={"format": "compressed-tensors", "scheme": scheme, "quantized_linears": res.n_quantized,
+                                "files": list(res.files)})
 
 
 # -- ternary -------------------------------------------------------------------------------------

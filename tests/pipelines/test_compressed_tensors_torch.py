@@ -231,3 +231,82 @@ def test_transformers_uses_the_static_input_scales(tmp_path, arch):
             got = module(torch.from_numpy(inputs[name])).numpy()
         want = _hf_columns(layout, name, outputs[name])
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+# -- W4A16 (quantize --format compressed-tensors --scheme W4A16) ------------------------------------
+
+
+def _w4a16(tmp_path: Path, arch: str, edit=None) -> tuple[Path, Path]:
+    """(source GGUF, W4A16 directory) of a 4-layer model whose rows all split into groups of 64."""
+    from typer.testing import CliRunner
+
+    from quantcli.cli.app import app
+
+    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
+    src = write_model(tmp_path / f"{arch}.gguf", arch, n_layer=4, n_ff=128, tied=arch == "gemma3", **extra)
+    out = tmp_path / "w4a16"
+    res = CliRunner().invoke(app, ["quantize", str(src), str(out), "--format", "compressed-tensors",
+                                   "--scheme", "W4A16", "-q"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return src, out
+
+
+def _sym4(x: np.ndarray) -> np.ndarray:
+    from quantcli import codecs
+
+    return codecs.dequantize(codecs.quantize(x, "SYM4_B64"), "SYM4_B64", x.shape)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w4a16_config_is_the_library_preset_and_decompresses_to_the_codec(tmp_path, arch):
+    """quantization_config is compressed-tensors' W4A16 preset with group_size 64 (version aside);
+    its pack-quantized compressor turns weight_packed/weight_scale/weight_shape back into exactly
+    the SYM4_B64 codec's dequantized weights, in HF's row order."""
+    src_path, out = _w4a16(tmp_path, arch)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = preset_name_to_scheme("W4A16", ["Linear"])
+    scheme.weights.group_size = 64
+    lib = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                             quantization_status="compressed", ignore=["lm_head"])
+    theirs = {"version": ct.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
+              "transform_config": {}, **lib.model_dump(exclude=["quant_method"])}
+    theirs = json.loads(json.dumps(theirs, default=str))
+    assert {k: v for k, v in qc.items() if k != "version"} == {k: v for k, v in theirs.items() if k != "version"}
+    parsed = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
+    compressor = BaseCompressor.get_value_from_registry(qc["format"])
+    assert compressor.compression_param_names(parsed) == ("weight_packed", "weight_scale", "weight_shape")
+    state = load_file(out / "model.safetensors")
+    src = open_model(src_path)
+    layout = HFLayout.of(src)
+    linears = [n for n in src.tensors if block_linear(n) is not None]
+    for name in linears:
+        module = layout.module(name)
+        local = {k: state[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
+        dense = compressor.decompress(local, parsed)["weight"]
+        want = _sym4(layout.to_hf(name, src.load_f32(name)))
+        assert dense.dtype == torch.float32 and np.array_equal(dense.numpy(), want), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_transformers_runs_w4a16_as_the_engine_runs_the_codec_weights(tmp_path, arch):
+    """transformers loads the W4A16 directory with exactly the block linears quantized, and its
+    logits are the engine's on the same model with those linears replaced by the codec's values
+    (float32 summation order apart: 1e-4 of max|logit|, 2e-4 for Gemma's fp16 GELU table)."""
+    src_path, out = _w4a16(tmp_path, arch)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    src = open_model(src_path)
+    layout = HFLayout.of(src)
+    linears = [n for n in src.tensors if block_linear(n) is not None]
+    quantized = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    assert quantized == {layout.module(n) for n in linears}
+    if arch == "gemma3":
+        for layer in model.model.layers:
+            layer.mlp.act_fn = _GgmlGelu()
+    logits = _logits(model, TOKENS)
+    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
+    fq = write_model(tmp_path / "fq.gguf", arch, n_layer=4, n_ff=128, tied=arch == "gemma3", **extra,
+                     edit=lambda n, x: _sym4(x) if block_linear(n) is not None else x)
+    sim = forward(Model(open_model(fq), kv_f16=False), TOKENS)[0]
+    plain = forward(Model(src, kv_f16=False), TOKENS)[0]
+    assert np.abs(logits - sim).max() <= (2e-4 if arch == "gemma3" else 1e-4) * np.abs(sim).max()
+    assert np.abs(sim - plain).mean() > 10 * np.abs(logits - sim).mean()  # int4 moved the logits

@@ -56,3 +56,48 @@ def test_smoothed_q8_0_runs_in_llama_cpp(real_f32, tmp_path):
 
     got, base = ppl(out), ppl(plain)
     assert abs(got / base - 1) < 0.01, (got, base)
+
+
+def test_lora_merge_equals_llama_cpp_runtime_adapter(real_f32, tmp_path):
+    """llama.cpp running the F32 base with a GGUF LoRA adapter (`--lora`, applied at runtime, scale
+    alpha/r) gives the logits of `dequantize --lora`'s merged file: the KL divergence between them is
+    float noise, far below what the adapter itself moves."""
+    exe = _llama_perplexity()
+    if exe is None:
+        pytest.skip("llama-perplexity not found (set QUANTCLI_LLAMA_BIN)")
+    import numpy as np
+
+    from quantcli.formats import open_model
+    from quantcli.pipelines import dequantize
+    from quantcli.convert.lora import AdapterSpec
+    from tests.convert.lora_files import write_gguf_adapter
+
+    rng = np.random.default_rng(0)
+    factors = {}
+    with open_model(real_f32) as base:
+        for il in (0, 3, 9, 14):
+            for kind in ("attn_q", "attn_v", "ffn_down"):
+                n_out, n_in = base.tensors[f"blk.{il}.{kind}.weight"].shape
+                factors[f"blk.{il}.{kind}.weight"] = (
+                    (rng.standard_normal((8, n_in)) / np.sqrt(n_in)).astype(np.float32),
+                    (rng.standard_normal((n_out, 8)) * 0.02).astype(np.float32))
+    adapter = write_gguf_adapter(tmp_path / "adapter.gguf", "gemma3", factors, alpha=16.0)
+    merged = tmp_path / "merged.gguf"
+    dequantize.run(dequantize.DequantizeOptions(real_f32, merged, lora=(AdapterSpec(adapter, 1.0),)))
+    text, logits = str(DATA / "engine" / "exodus.txt"), tmp_path / "runtime.kld"
+    common = ["-f", text, "-c", "512", "--chunks", "2", "-t", "2"]
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([str(exe), *args, *common], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    run("-m", str(real_f32), "--lora", str(adapter), "--kl-divergence-base", str(logits))
+
+    def kld(model: Path) -> float:
+        out = run("-m", str(model), "--kl-divergence-base", str(logits), "--kl-divergence")
+        return float(re.search(r"Mean\s+KLD:\s+([-0-9.e]+)", out).group(1))
+
+    merged_kld, base_kld = kld(merged), kld(real_f32)
+    assert base_kld > 1e-3, base_kld  # the adapter changes the model
+    assert merged_kld < 1e-5 and merged_kld < base_kld / 100, (merged_kld, base_kld)
