@@ -43,8 +43,9 @@ def verify(
                                          "overrides (flags win over it)."),
     base_cache: Optional[Path] = typer.Option(None, "--base-cache", help="Folder of the base's cached logits "
                                               "(default: the quantcli cache folder)."),
-    contracts: bool = typer.Option(False, "--contracts", help="Also the seeds' size contracts: QO-003, a "
-                                   "9B-parameter model's Q4_K/Q6_K/Q8_0/F16 sizes within 20% of 5/7/9/18 GB."),
+    contracts: bool = typer.Option(False, "--contracts", help="Also the seeds' falsification tests, each by its ID: "
+                                   "FALSIFY-QO-001..005 (sizes, LoRA scaling, dropout, kernels) and "
+                                   "FALSIFY-QUANT-001..005 (the SYM4_B64 codec)."),
     rebuild_from: Optional[Path] = typer.Option(None, "--rebuild-from", help="Remake FILE from this source with "
                                                 "the recipe it records and check the bytes are identical."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="--rebuild-from: the imatrix FILE was made with "
@@ -92,9 +93,10 @@ def verify(
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=1))
     else:
+        width = max([14] + [len(c.name) for c in result.checks])
         for c in result.checks:
             mark = "[green]pass[/]" if c.ok else "[bold red]FAIL[/]"
-            out.print(f"{mark}  {c.name:<14} {escape(c.detail)}")
+            out.print(f"{mark}  {c.name:<{width}} {escape(c.detail)}")
         q = result.quality
         if q and "base_cached" in q:
             out.print(escape(f"base {q['base']}: {'cached' if q['base_cached'] else 'evaluated'} in "

@@ -70,7 +70,7 @@ class VerifyOptions:
     preset: str | None = None
     profile: Path | None = None
     quality: QualityOptions | None = None
-    contracts: bool = False  # the seeds' size contracts (QO-001, QO-003) as named checks
+    contracts: bool = False  # the seeds' falsification tests (FALSIFY-QO-*, FALSIFY-QUANT-*) as named checks
     rebuild_from: Path | None = None  # remake FILE from this source with its recorded recipe: same bytes?
     imatrix: Path | None = None  # the rebuild's imatrix (default: the path FILE records)
 
@@ -164,7 +164,7 @@ def run(opts: VerifyOptions, progress: ProgressFn | None = None) -> VerifyResult
         result.checks.append(_finite(reader))
         result.checks.append(_size_contract(reader))
         if opts.contracts:
-            result.checks.extend(concrete_sizes())
+            result.checks.extend(contract_checks())
         if opts.rebuild_from is not None:
             from quantcli.pipelines.rebuild import rebuild
 
@@ -179,56 +179,12 @@ def run(opts: VerifyOptions, progress: ProgressFn | None = None) -> VerifyResult
 
 # -- the seeds' contracts -------------------------------------------------------------------------
 
-# QO-003: a 9B-parameter model (Qwen3.5-sized) at Q4_K / Q6_K / Q8_0 / F16 is ~5 / 7 / 9 / 18 GB, within 20 %
-CONCRETE_GB = {"Q4_K": 5.0, "Q6_K": 7.0, "Q8_0": 9.0, "F16": 18.0}
-CONCRETE_TOLERANCE = 0.2
-# the 9B shape planned: qwen3 (q/k norms, GQA 32/8 heads of 128, untied output), 40 blocks
-SHAPE_9B = dict(arch="qwen3", n_embd=4096, n_layer=40, n_ff=12288, n_head=32, n_head_kv=8, head_dim=128,
-                n_vocab=151936)
 
+def contract_checks() -> list[Check]:
+    """FALSIFY-QO-001..005 and FALSIFY-QUANT-001..005 against this quantcli (pipelines/contracts.py)."""
+    from quantcli.pipelines.contracts import run_all
 
-class _Shape:
-    """A model that is only tensor shapes and the metadata the planner reads: what a plan needs."""
-
-    def __init__(self, arch: str, n_embd: int, n_layer: int, n_ff: int, n_head: int, n_head_kv: int,
-                 head_dim: int, n_vocab: int) -> None:
-        from quantcli.formats.base import TensorInfo
-
-        def t(name: str, *shape: int) -> TensorInfo:
-            n = int(np.prod(shape))
-            return TensorInfo(name, tuple(shape), "F32", Q.F32, 4 * n, 0)
-
-        e, q, kv = n_embd, n_head * head_dim, n_head_kv * head_dim
-        infos = [t("token_embd.weight", n_vocab, e), t("output.weight", n_vocab, e), t("output_norm.weight", e)]
-        for i in range(n_layer):
-            b = f"blk.{i}."
-            infos += [t(b + "attn_norm.weight", e), t(b + "attn_q.weight", q, e), t(b + "attn_k.weight", kv, e),
-                      t(b + "attn_v.weight", kv, e), t(b + "attn_output.weight", e, q),
-                      t(b + "attn_q_norm.weight", head_dim), t(b + "attn_k_norm.weight", head_dim),
-                      t(b + "ffn_norm.weight", e), t(b + "ffn_gate.weight", n_ff, e), t(b + "ffn_up.weight", n_ff, e),
-                      t(b + "ffn_down.weight", e, n_ff)]
-        self.path = Path(f"{arch}-{n_layer}x{n_embd}")
-        self.tensors = {i.name: i for i in infos}
-        self._kv = {"general.architecture": arch, f"{arch}.block_count": n_layer,
-                    f"{arch}.attention.head_count": n_head, f"{arch}.attention.head_count_kv": n_head_kv}
-
-    def meta(self, key: str, default: Any = None) -> Any:
-        return self._kv.get(key, default)
-
-
-def concrete_sizes() -> list[Check]:
-    """QO-003: the plan of a 9B-shaped model, every quantizable tensor at each type (--pure)."""
-    shape = _Shape(**SHAPE_9B)
-    params = sum(i.n_params for i in shape.tensors.values())
-    checks = []
-    for type_name, gb in CONCRETE_GB.items():
-        plan = make_plan(shape, PlanOptions(preset=type_name, pure=True, dry_run=True), has_imatrix=False)
-        size = plan.bytes / 1e9
-        ok = abs(size - gb) <= CONCRETE_TOLERANCE * gb
-        checks.append(Check(f"qo003_{type_name}", ok, plan.bytes,
-                            f"a {params / 1e9:.2f}B-parameter {SHAPE_9B['arch']}-shaped model at {type_name}: "
-                            f"{size:.2f} GB (expected {gb:g} GB +/- {100 * CONCRETE_TOLERANCE:.0f}%)"))
-    return checks
+    return [Check(cid, ok, figure, detail) for cid, ok, figure, detail in run_all()]
 
 
 # -- quality gates ---------------------------------------------------------------------------------

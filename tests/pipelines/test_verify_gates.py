@@ -183,16 +183,40 @@ def test_on_the_real_model_q4_k_m_and_q8_0_pass_and_iq1_s_fails(real_f32, tmp_pa
     assert [q["base_cached"] for _, q in codes.values()] == [False, True, True]
 
 
-def test_contracts_plan_a_9b_model_at_each_type(files, monkeypatch):
+def test_contracts_list_the_ten_ids(files, monkeypatch):
+    """verify --contracts runs FALSIFY-QO-001..005 and FALSIFY-QUANT-001..005 against quantcli and
+    reports each by its ID; breaking what one of them checks fails the step with that ID."""
+    from quantcli.convert import lora
+    from quantcli.pipelines import contracts
+
     tmp, _ = files
     res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts", "--json"])
     assert res.exit_code == 0, res.output
     checks = {c["name"]: c for c in json.loads(res.output)["checks"]}
-    sizes = {t: checks[f"qo003_{t}"]["figure"] / 1e9 for t in ("Q4_K", "Q6_K", "Q8_0", "F16")}
-    assert 8.9 < float(checks["qo003_F16"]["detail"].split("B-parameter")[0].split()[-1]) < 9.1
+    ids = [f"FALSIFY-QO-00{i}" for i in range(1, 6)] + [f"FALSIFY-QUANT-00{i}" for i in range(1, 6)]
+    assert [n for n in checks if n.startswith("FALSIFY")] == ids
+    assert all(checks[i]["ok"] for i in ids)
+    sizes = {t: b / 1e9 for t, b in checks["FALSIFY-QO-003"]["figure"].items()}
+    assert "8.96B-parameter" in checks["FALSIFY-QO-003"]["detail"]
     assert sizes["Q4_K"] < sizes["Q6_K"] < sizes["Q8_0"] < sizes["F16"]
-    assert all(abs(sizes[t] - gb) <= 0.2 * gb for t, gb in pipeline.CONCRETE_GB.items())
+    assert all(abs(sizes[t] - gb) <= 0.2 * gb for t, gb in contracts.CONCRETE_GB.items())
+    assert checks["FALSIFY-QO-002"]["figure"] == pytest.approx({"std": 0.25, "r8": 2.0, "rs": 2.0}, rel=1e-6)
+    assert checks["FALSIFY-QUANT-005"]["figure"] == pytest.approx(32 / 4.5)
+    text = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts"]).output
+    assert all(f"pass  {i}" in text for i in ids)
     # a size far from the expectation fails the step (as a wrong block constant would)
-    monkeypatch.setitem(pipeline.CONCRETE_GB, "Q4_K", 3.0)
+    monkeypatch.setitem(contracts.CONCRETE_GB, "Q4_K", 3.0)
     res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts"])
-    assert res.exit_code == 6 and "qo003_Q4_K" in res.output
+    assert res.exit_code == 6 and "FAIL  FALSIFY-QO-003" in res.output
+    monkeypatch.undo()
+    # a merge that adds the update twice fails the scaling (QO-002) and the expected output (QO-004)
+    add_to = lora.Delta.add_to
+
+    def twice(self, w, start):
+        add_to(self, w, start)
+        add_to(self, w, start)
+
+    monkeypatch.setattr(lora.Delta, "add_to", twice)
+    res = runner.invoke(app, ["verify", str(tmp / "Q8_0.gguf"), "--contracts", "--json"])
+    failed = [c["name"] for c in json.loads(res.output)["checks"] if not c["ok"]]
+    assert res.exit_code == 6 and failed == ["FALSIFY-QO-002", "FALSIFY-QO-004"]
