@@ -4,6 +4,7 @@ their bytes, with errors that name the file."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from quantcli.errors import InputError, QuantcliError
 
@@ -31,3 +32,15 @@ def read_small_text(path: Path, what: str, error: type[QuantcliError] = InputErr
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_small_json(path: Path, what: str, error: type[QuantcliError] = InputError, limit: int | None = None) -> Any:
+    """`read_small_text` parsed as JSON; a syntax error: `error` naming the line."""
+    import json
+
+    text = read_small_text(path, what, error, limit)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+

@@ -36,7 +36,6 @@ module or target the base does not have, NaN/Inf in the adapter, and a quantized
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ import numpy as np
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import ModelReader, open_model
 from quantcli.formats.base import TensorInfo
-from quantcli.inputs import read_small_text
+from quantcli.inputs import read_small_json
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -149,11 +148,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _peft_config(path: Path) -> dict[str, Any]:
     cfg_path = path / PEFT_CONFIG
-    text = read_small_text(cfg_path, "PEFT adapter config", limit=1 << 20)
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{cfg_path}: not JSON (line {exc.lineno}: {exc.msg})") from None
+    cfg = read_small_json(cfg_path, "PEFT adapter config", limit=1 << 20)
     if not isinstance(cfg, dict):
         raise InputError(f"{cfg_path}: not a JSON object")
     kind = str(cfg.get("peft_type", "LORA")).upper()

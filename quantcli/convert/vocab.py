@@ -37,12 +37,9 @@ from quantcli.errors import InputError
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    from quantcli.inputs import read_small_json
+
+    return read_small_json(path, "JSON")
 
 
 def does_token_look_special(token: str) -> bool:

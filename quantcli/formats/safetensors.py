@@ -232,12 +232,9 @@ class SafetensorsReader(ModelReader):
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    from quantcli.inputs import read_small_json
+
+    return read_small_json(path, what)
 
 
 class SafetensorsFile(Writer, format="safetensors"):

@@ -244,7 +244,7 @@ def test_refusals(tmp_path):
     _refused(tmp_path, base, write_peft(tmp_path / "nan", nan, 8, 16), "has NaN or Inf values")
     bad = write_peft(tmp_path / "badjson", factors, 8, 16)
     (bad / "adapter_config.json").write_text("{not json")
-    _refused(tmp_path, base, bad, "adapter_config.json: not JSON")
+    _refused(tmp_path, base, bad, "adapter_config.json: not valid JSON (line 1")
     nofile = write_peft(tmp_path / "nofile", factors, 8, 16)
     (nofile / "adapter_model.safetensors").unlink()
     (nofile / "adapter_model.bin").write_bytes(b"\x80\x02")
