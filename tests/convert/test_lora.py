@@ -67,7 +67,8 @@ def test_peft_merge_into_gguf_equals_the_update_in_hf_layout(tmp_path, r, rslora
 
 
 def _premerged(src: Path, dst: Path, factors, factor: float) -> Path:
-    """A copy of HF checkpoint `src` with W + factor * B @ A written into its F32 weights."""
+    """A copy of HF checkpoint `src` with W + factor * B @ A written into its F32 weights (numpy's own
+    product, in float64)."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -75,13 +76,15 @@ def _premerged(src: Path, dst: Path, factors, factor: float) -> Path:
     shutil.copytree(src, dst)
     tensors = load_file(str(src / "model.safetensors"))
     for module, (a, b) in factors.items():
-        w = tensors[module + ".weight"]
-        tensors[module + ".weight"] = w + (b @ a) * np.float32(factor)
+        w = tensors[module + ".weight"].astype(np.float64)  # the merge's rule: one rounding from float64
+        tensors[module + ".weight"] = (w + factor * (b.astype(np.float64) @ a.astype(np.float64))).astype(np.float32)
     save_file(tensors, str(dst / "model.safetensors"))
     return dst
 
 
-def test_quantize_lora_into_an_hf_checkpoint_equals_quantizing_the_premerged_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("r,rslora", [(8, False), (16, True)])
+def test_quantize_lora_into_an_hf_checkpoint_equals_quantizing_the_premerged_checkpoint(tmp_path, monkeypatch,
+                                                                                         r, rslora):
     """`quantize HF_DIR OUT --lora A` writes the tensors of `quantize HF_DIR' OUT'`, where HF_DIR' has
     the update added in HF's layout beforehand (q/k permuted by the converter, not by the merge)."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
@@ -89,9 +92,9 @@ def test_quantize_lora_into_an_hf_checkpoint_equals_quantizing_the_premerged_che
     cfg = json.loads((src / "config.json").read_text())
     h, kv = cfg["hidden_size"], cfg["hidden_size"] // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     mods = _modules(cfg["num_hidden_layers"], ("attn_q", "attn_k", "attn_v", "ffn_up"), h, cfg["intermediate_size"], kv)
-    factors = peft_factors(mods, 8, seed=3)
-    adapter = write_peft(tmp_path / "ad", factors, 8, alpha=16)
-    pre = _premerged(src, tmp_path / "pre", factors, 2.0)
+    factors = peft_factors(mods, r, seed=3)
+    adapter = write_peft(tmp_path / "ad", factors, r, alpha=16, rslora=rslora)
+    pre = _premerged(src, tmp_path / "pre", factors, 16 / (np.sqrt(r) if rslora else r))
     for qtype in ("F32", "Q8_0"):
         r1 = _cli("quantize", src, tmp_path / f"lora-{qtype}.gguf", "--type", qtype, "--lora", adapter, "-q")
         r2 = _cli("quantize", pre, tmp_path / f"pre-{qtype}.gguf", "--type", qtype, "-q")
@@ -106,7 +109,7 @@ def test_quantize_lora_into_an_hf_checkpoint_equals_quantizing_the_premerged_che
                     assert np.array_equal(a.raw(name), b.raw(name)) or name.endswith("norm.weight"), name
             lora_meta = json.loads(a.meta("quantcli.lora"))
             assert lora_meta == [{"file": "ad", "format": "peft", "sha256": lora_meta[0]["sha256"], "scale": 1.0,
-                                  "alpha": 16.0, "rank": [8], "tensors": len(factors)}]
+                                  "alpha": 16.0, "rank": [r], "tensors": len(factors)}]
             import hashlib
             assert lora_meta[0]["sha256"] == hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
             recipe = json.loads(a.meta("quantcli.recipe"))
@@ -325,7 +328,7 @@ def test_hf_view_base_merges_before_the_converter_permutation(tmp_path):
                                rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("r,rslora", [(8, False), (16, True)])
+@pytest.mark.parametrize("r,rslora", [(8, False), (16, False), (8, True), (16, True)])
 def test_real_gemma_merge_equals_the_update(real_f32, tmp_path, r, rslora):
     """A PEFT adapter on Gemma 3 270M's q/v/down projections of four layers, through `quantize
     --lora`: the merged tensors (kept F32 here) are W + alpha/r * B @ A computed in float64 (Gemma's
