@@ -71,10 +71,17 @@ class ImatrixResult:
 
 
 class Collector:
-    """The hook: per weight name, float64 sums of squared inputs per column and a row count."""
+    """The hook: per weight name, float64 sums of squared inputs per column and a row count.
+
+    Chunks are summed in blocks of REDUCTION_BLOCK, in order, and the blocks' sums added in order:
+    the k-th call for a name is chunk k (the runner feeds every chunk to every matmul, in order).
+    A cluster (pipelines/cluster.py) computes each block on some worker and adds the blocks in the
+    same order, so its sums are these, whatever the number of workers."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, np.ndarray] = {}
+        self._done: dict[str, np.ndarray] = {}  # sum of the finished blocks
+        self._block: dict[str, np.ndarray] = {}  # the block being summed
+        self._calls: dict[str, int] = {}
         self.counts: dict[str, int] = {}
 
     def __call__(self, name: str, x: np.ndarray) -> None:
@@ -83,12 +90,22 @@ class Collector:
         if not np.isfinite(x).all():
             raise InputError(f"non-finite activations reach {name}; the model or its weights are broken")
         sq = np.einsum("ij,ij->j", x, x, dtype=np.float64)  # [n_in]
-        if name in self.sums:
-            self.sums[name] += sq
-            self.counts[name] += x.shape[0]
+        k = self._calls.get(name, 0)
+        self._calls[name] = k + 1
+        if k % REDUCTION_BLOCK == 0:
+            if name in self._block:
+                self._done[name] = add_block(self._done.get(name), self._block[name])
+            self._block[name] = sq
         else:
-            self.sums[name] = sq
-            self.counts[name] = x.shape[0]
+            self._block[name] += sq
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    @property
+    def sums(self) -> dict[str, np.ndarray]:
+        """Every name's sum so far: the finished blocks, then the one being summed."""
+        names = dict.fromkeys([*self._done, *self._block])
+        return {n: add_block(self._done.get(n), self._block[n]) if n in self._block else self._done[n]
+                for n in names}
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"sum:{n}": s for n, s in self.sums.items()}
@@ -96,12 +113,23 @@ class Collector:
         return arrays
 
     def add_arrays(self, data: dict[str, np.ndarray]) -> None:
+        """Take the sums and counts of `arrays()` (a checkpointed layer, or the next block of a
+        cluster run) after those already held, as the next block."""
         for key, arr in data.items():
             kind, name = key.split(":", 1)
             if kind == "sum":
-                self.sums[name] = arr.astype(np.float64)
+                sums = self.sums
+                self._done[name] = add_block(sums.get(name), arr.astype(np.float64))
+                self._block.pop(name, None)
             elif kind == "count":
-                self.counts[name] = int(arr)
+                self.counts[name] = self.counts.get(name, 0) + int(arr)
+
+
+REDUCTION_BLOCK = 16  # chunks summed together before their sum is added to the total (see Collector)
+
+
+def add_block(total: np.ndarray | None, block: np.ndarray) -> np.ndarray:
+    return block.copy() if total is None else total + block
 
 
 class ImatrixObserver(Observer, name="imatrix"):
@@ -138,17 +166,10 @@ class ImatrixObserver(Observer, name="imatrix"):
             self._add(out)
 
     def merge(self, other: Observer) -> None:
-        for name, s in other.total_.sums.items():
-            if name in self.total_.sums:
-                self.total_.sums[name] = self.total_.sums[name] + s
-                self.total_.counts[name] += other.total_.counts[name]
-            else:
-                self.total_.sums[name] = s.copy()
-                self.total_.counts[name] = other.total_.counts[name]
+        self.total_.add_arrays(other.total_.arrays())
 
     def _add(self, layer: Collector) -> None:
-        self.total_.sums.update(layer.sums)
-        self.total_.counts.update(layer.counts)
+        self.total_.add_arrays(layer.arrays())
 
     def result(self) -> Collector:
         return self.total_
@@ -190,14 +211,19 @@ def collect(model: Model, tokens: np.ndarray | list[int], options: ImatrixOption
                                 PerplexityOptions(ctx=ctx), report)
         ppl = float(np.exp(stats.nll().mean()))
 
-    collector = imatrix.result()
-    entries = {name: imf.ImatrixEntry(collector.sums[name].astype(np.float32).reshape(1, -1),
-                                      np.array([collector.counts[name]], np.float32))
-               for name in sorted(collector.sums)}
-    chunk_count = max((c for c in collector.counts.values()), default=0) // ctx
-    result = imf.Imatrix(entries, [options.dataset] if options.dataset else [], chunk_count, ctx,
-                         outliers=detector.result() if detector is not None else None)
+    result = to_imatrix(imatrix.result(), ctx, options.dataset,
+                        outliers=detector.result() if detector is not None else None)
     return ImatrixResult(result, n_chunks, n_chunks * ctx, run.seconds, run.resumed_layers, ppl)
+
+
+def to_imatrix(collector: Collector, ctx: int, dataset: str = "", outliers: Any = None) -> imf.Imatrix:
+    """The imatrix file's contents from collected sums and counts."""
+    sums = collector.sums
+    entries = {name: imf.ImatrixEntry(sums[name].astype(np.float32).reshape(1, -1),
+                                      np.array([collector.counts[name]], np.float32))
+               for name in sorted(sums)}
+    chunk_count = max((c for c in collector.counts.values()), default=0) // ctx
+    return imf.Imatrix(entries, [dataset] if dataset else [], chunk_count, ctx, outliers=outliers)
 
 
 def merge(base: imf.Imatrix | None, others: list[imf.Imatrix], chunk_size: int) -> imf.Imatrix:

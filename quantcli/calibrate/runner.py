@@ -208,7 +208,12 @@ def model_fingerprint(reader: Any) -> str:
 
 
 def make_chunks(model: Model, tokens: np.ndarray | list[int], options: RunOptions) -> np.ndarray:
-    """[n_chunks, ctx] token ids: `skip_chunks` dropped, each chunk's first token BOS."""
+    """[n_chunks, ctx] token ids: `skip_chunks` dropped, each chunk's first token BOS. A 2-D array
+    is taken as chunks already made (a cluster's block of them)."""
+    if isinstance(tokens, np.ndarray) and tokens.ndim == 2:
+        if tokens.shape[1] != options.ctx:
+            raise UsageError(f"chunks of {tokens.shape[1]} tokens given for a context of {options.ctx}")
+        return tokens.astype(np.int64)
     if options.ctx < options.min_ctx:
         raise UsageError(f"context {options.ctx} is below {options.min_ctx}: llama-imatrix collects nothing "
                          f"from matmuls with fewer than {options.min_ctx} rows")

@@ -79,3 +79,12 @@ def lora_specs(paths: list, scales: list) -> tuple:
                          "or one per adapter, in the same order")
     return tuple(AdapterSpec(p, s) for p, s in zip(paths, scales or [1.0] * len(paths)))
 
+
+def ray_option(ray: bool, address: str | None) -> str | None:
+    """--ray [--ray-address A] -> the cluster address the pipelines take (None: run locally)."""
+    from quantcli.errors import UsageError
+
+    if address is not None and not ray:
+        raise UsageError("--ray-address chooses the cluster of --ray: pass --ray too")
+    return (address or "default") if ray else None
+

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, err
+from quantcli.cli.common import boundary, err, ray_option
 from quantcli.cli.report import render_super_weights
 from quantcli.pipelines import imatrix as pipeline
 
@@ -31,13 +31,19 @@ def imatrix(
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
     super_weights: bool = typer.Option(False, "--super-weights", help="Also find super weights and massive "
                                        "activations, confirm each by zeroing it, and record them in OUT."),
+    ray: bool = typer.Option(False, "--ray", help="Run blocks of 16 chunks as tasks on a Ray cluster ($RAY_ADDRESS's, "
+                             "else one started here); the sums are added in block order: the same file as a local run "
+                             "with the same BLAS threads."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster for --ray: auto, "
+                                              "ray://HOST:PORT or HOST:PORT."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Importance matrix (llama-imatrix's statistic) from a calibration text; resumable per layer."""
     opts = pipeline.ImatrixRunOptions(model, text, output, chunks, ctx, output_format, tuple(in_file),
-                                      process_output, checkpoint_dir, keep_checkpoints, force, super_weights)
+                                      process_output, checkpoint_dir, keep_checkpoints, force, super_weights,
+                                      ray_option(ray, ray_address))
 
     def warn(msg: str) -> None:
         if not quiet and not as_json:

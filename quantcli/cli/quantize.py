@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, err, lora_specs, out, progress_bar
+from quantcli.cli.common import boundary, err, lora_specs, out, progress_bar, ray_option
 from quantcli.errors import UsageError, VerificationError
 from quantcli.pipelines import postcheck
 from quantcli.pipelines import quantize as pipeline
@@ -116,6 +116,10 @@ def quantize(
                                    "directory vLLM loads (with --scheme)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="compressed-tensors scheme: W4A16 (int4 groups of "
                                          "64, the SYM4_B64 codec) or W8A8 (int8, dynamic per-token activations)."),
+    ray: bool = typer.Option(False, "--ray", help="Encode on a Ray cluster: $RAY_ADDRESS's, else one started on "
+                             "this machine. Every worker must see the input at the same path; same bytes as a local run."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster for --ray: auto (this "
+                                              "machine's `ray start`), ray://HOST:PORT or HOST:PORT."),
     threads: int = typer.Option(0, "--threads", "-j", help="Worker threads (0: all cores); output is identical for any count."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite OUT if it exists."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
@@ -139,6 +143,7 @@ def quantize(
         save_profile=save_profile, calib_chunks=calib_chunks, sensitivity_chunks=sensitivity_chunks, ctx=ctx,
         protect_super_weights=protect_super_weights, super_weight_type=super_weight_type,
         lora=lora_specs(lora, lora_scale), out_format=out_format.lower(), scheme=scheme,
+        ray=ray_option(ray, ray_address),
     )
 
     def warn(msg: str) -> None:

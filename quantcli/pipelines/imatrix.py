@@ -34,6 +34,7 @@ class ImatrixRunOptions:
     keep_checkpoints: bool = False
     force: bool = False
     super_weights: bool = False  # find super weights and massive activations; recorded in the GGUF
+    ray: str | None = None  # blocks of chunks as Ray tasks: "default", "auto" or "ray://host:port" (cluster.py)
 
 
 def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
@@ -60,7 +61,12 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
                                    dataset=str(opts.text) if opts.text else "", in_files=tuple(opts.in_files),
                                    checkpoint_dir=ckpt, keep_checkpoints=opts.keep_checkpoints,
                                    super_weights=opts.super_weights)
-    result = calib.compute(opts.model, text, options, progress, warn)
+    if opts.ray is not None and text is not None:
+        from quantcli.pipelines import cluster
+
+        result = cluster.imatrix(opts.model, text, options, opts.ray, progress, warn)
+    else:
+        result = calib.compute(opts.model, text, options, progress, warn)
     if text is not None and result.chunks < opts.chunks:
         warn(f"the text holds only {result.chunks} chunk(s) of {opts.ctx} tokens; used {result.chunks} "
              f"instead of {opts.chunks}")

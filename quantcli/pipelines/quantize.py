@@ -85,6 +85,7 @@ class QuantizeOptions:
     protect_super_weights: bool = False
     super_weight_type: str | None = None  # default: DEFAULT_SUPER_WEIGHT_TYPE
     lora: tuple = ()  # convert.lora.AdapterSpec: merged into the input before quantizing
+    ray: str | None = None  # run the slices on a Ray cluster: "local", "auto" or "ray://host:port" (cluster.py)
     out_format: str = "gguf"  # or "compressed-tensors": a Hugging Face directory for vLLM (with scheme)
     scheme: str | None = None  # compressed-tensors: W4A16 (int4 groups of 64, the SYM4_B64 codec) or W8A8
     date: str | None = None  # quantcli.date to record (verify --rebuild-from: the original's); None: now
@@ -665,6 +666,8 @@ def _execute(run: _Run) -> int:
 
 def _write_units(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -> int:
     """Every unit not already intact in the partial file, through the slice pipeline."""
+    if run.opts.ray is not None:
+        return _write_units_ray(run, writer, store)
     plan = run.plan
     n_threads = run.opts.threads or os.cpu_count() or 1
     chunk = chunk_bytes(n_threads)
@@ -702,6 +705,56 @@ def _write_units(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -
         pipe.drain()
     finally:
         pipe.close()
+    return done["resumed"]
+
+
+def _write_units_ray(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -> int:
+    """`_write_units` with the slices encoded by Ray tasks (`cluster.encode_task`): the results come
+    back in submission order, so they are written and hashed exactly as a local run writes them,
+    and each unit is recorded in the manifest (here, on the coordinator) once its last slice is."""
+    from quantcli.pipelines import cluster
+
+    if run.transformed:
+        raise UsageError("--ray reads the input on the workers: a transformed model (smooth) cannot go there")
+    plan = run.plan
+    ray_cluster = cluster.connect(run.opts.ray, run.opts.threads or None)
+    try:
+        cluster.check_inputs(ray_cluster, [Path(run.opts.input)] + [Path(a.path) for a in run.opts.lora])
+        task = ray_cluster.remote(cluster.encode_task)
+        source, lora = str(Path(run.opts.input).resolve()), tuple(run.opts.lora)
+        total_in = sum(p.info.nbytes for p in plan)
+        done = {"in": 0, "n": 0, "resumed": 0}
+        work: list[tuple[Any, str, int, int, bool, bool]] = []  # slice, unit, its first byte, its bytes, last of
+        # its tensor, last of its unit
+
+        for label, group in units_of(plan):
+            slots = [writer.slot(p.info.name) for p in group]
+            first, size = slots[0].offset, sum(s.nbytes + s.pad for s in slots)
+            if _unit_intact(writer, store, label, first):
+                done["resumed"] += 1
+                done["n"] += len(group)
+                done["in"] += sum(p.info.nbytes for p in group)
+                continue
+            unit = []
+            for p in group:
+                sl = slices_of(p, run.importance(p), chunk_bytes(ray_cluster.workers))
+                unit += [(s, label, first, size, s is sl[-1], False) for s in sl]
+            unit[-1] = unit[-1][:5] + (True,)
+            work += unit
+        digest = hashlib.sha256()
+        results = ray_cluster.map_ordered(task, ((source, lora, w[0]) for w in work))
+        for (s, label, first, size, tensor_last, unit_last), data in zip(work, results):
+            for written in writer.write_rows(s.p.info.name, s.start, data):
+                digest.update(written)
+            if tensor_last:
+                done["in"] += s.p.info.nbytes
+                done["n"] += 1
+                run.step(Progress("tensor", done["n"], len(plan), s.p.info.name, done["in"], total_in))
+            if unit_last:
+                store.record(label, {"start": first, "bytes": size, "sha256": digest.hexdigest()})
+                digest = hashlib.sha256()
+    finally:
+        ray_cluster.close()
     return done["resumed"]
 
 

@@ -1,0 +1,255 @@
+"""`quantize --ray` and `imatrix --ray`: the same bytes as a local run.
+
+Two layers of tests: the coordinator's logic through a stand-in cluster that runs the tasks in this
+process in a shuffled order (no Ray needed: CI always runs these), and a real local Ray cluster of 2
+workers (skipped without `ray`): same sha256 per tensor, a worker killed mid-run, the imatrix equal
+to a local run's file, inputs the workers cannot read refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from quantcli.cli.app import app
+from quantcli.formats import open_model
+from quantcli.pipelines import cluster
+from tests.conftest import DATA
+from tests.models import write_model
+
+runner = CliRunner()
+EXODUS = DATA / "engine" / "exodus.txt"
+
+
+def _cli(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _tensor_sha(path: Path) -> dict[str, str]:
+    with open_model(path) as r:
+        return {n: hashlib.sha256(r.raw(n).tobytes()).hexdigest() for n in r.tensors}
+
+
+class _Task:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return (self.fn, args)
+
+
+class FakeCluster:
+    """Runs each window of tasks in this process in reverse order, yielding results in submission
+    order: what a cluster whose workers finish in any order gives the coordinator."""
+
+    workers = 3
+    node_cpus = 2
+
+    def __init__(self):
+        self.ran = 0
+
+    def remote(self, fn, **options):
+        return _Task(fn)
+
+    def map_ordered(self, task, calls, window=None):
+        calls = list(calls)
+        for i in range(0, len(calls), 4):
+            batch = [task.remote(*args) for args in calls[i:i + 4]]
+            results = {j: fn(*args) for j, (fn, args) in reversed(list(enumerate(batch)))}
+            self.ran += len(batch)
+            for j in range(len(batch)):
+                yield results[j]
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    c = FakeCluster()
+    monkeypatch.setattr(cluster, "connect", lambda address, num_cpus=None: c)
+    monkeypatch.setattr(cluster, "check_inputs", lambda cl, paths: None)
+    monkeypatch.setattr(cluster, "_READERS", {})
+    return c
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return write_model(tmp_path / "m.gguf", "llama", n_layer=3, n_embd=128, n_head=4, n_head_kv=2, n_ff=256,
+                       tied=False)
+
+
+def test_quantize_through_a_cluster_writes_the_local_bytes(model, tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    imatrix = tmp_path / "m.imatrix"
+    assert _cli("imatrix", model, "-f", EXODUS, "-o", imatrix, "--chunks", "4", "--ctx", "64", "-q").exit_code == 0
+    for preset in ("Q4_K_M", "IQ2_XS"):
+        local, remote = tmp_path / f"local-{preset}.gguf", tmp_path / f"ray-{preset}.gguf"
+        assert _cli("quantize", model, local, "--type", preset, "--imatrix", imatrix, "-q", "--no-check").exit_code == 0
+        res = _cli("quantize", model, remote, "--type", preset, "--imatrix", imatrix, "-q", "--no-check", "--ray")
+        assert res.exit_code == 0, res.output
+        assert local.read_bytes() == remote.read_bytes()
+    assert fake.ran > 0
+
+
+def test_a_coordinator_that_dies_resumes_from_its_manifest(model, tmp_path, fake, monkeypatch):
+    """The checkpoint manifest is the coordinator's: units finished before a crash are not sent again."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    out = tmp_path / "out.gguf"
+    real = cluster.encode_task
+    calls = {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # the coordinator is stopped mid-run
+        return real(*args)
+
+    monkeypatch.setattr(cluster, "encode_task", dying)
+    res = _cli("quantize", model, out, "--type", "Q8_0", "--ray", "--keep-checkpoints")
+    assert res.exit_code == 130 and not out.exists()
+    monkeypatch.setattr(cluster, "encode_task", real)
+    before = fake.ran
+    res = _cli("quantize", model, out, "--type", "Q8_0", "--ray", "--json")
+    assert res.exit_code == 0, res.output
+    import json
+
+    assert json.loads(res.stdout)["resumed_units"] >= 1
+    resumed_slices = fake.ran - before
+    before = fake.ran
+    assert _cli("quantize", model, tmp_path / "fresh.gguf", "--type", "Q8_0", "-q", "--ray").exit_code == 0
+    assert resumed_slices < fake.ran - before  # the resumed run sent only the units left
+    assert _cli("quantize", model, tmp_path / "local.gguf", "--type", "Q8_0", "-q").exit_code == 0
+    assert out.read_bytes() == (tmp_path / "local.gguf").read_bytes() == (tmp_path / "fresh.gguf").read_bytes()
+
+
+def test_imatrix_blocks_through_a_cluster_give_the_local_file(model, tmp_path, fake):
+    """40 chunks are 3 blocks of 16, 16 and 8; run in any order and added in block order they give
+    the local run's sums bit for bit (same process, same BLAS)."""
+    local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
+    args = ["-f", EXODUS, "--chunks", "40", "--ctx", "64", "-q", "--process-output"]
+    assert _cli("imatrix", model, "-o", local, *args).exit_code == 0
+    res = _cli("imatrix", model, "-o", remote, *args, "--ray")
+    assert res.exit_code == 0, res.output
+    assert fake.ran == 3
+    assert local.read_bytes() == remote.read_bytes()
+
+
+def test_without_ray_the_flag_names_the_extra(model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    res = _cli("quantize", model, tmp_path / "o.gguf", "--type", "Q8_0", "--ray")
+    assert res.exit_code == 2
+    assert res.output.splitlines()[0] == "error: --ray needs Ray: pip install 'quantcli[ray]'"
+    assert not (tmp_path / "o.gguf").exists()
+    res = _cli("quantize", model, tmp_path / "o.gguf", "--type", "Q8_0", "--ray-address", "auto")
+    assert res.exit_code == 2 and "pass --ray too" in res.output
+
+
+# -- a real local Ray cluster --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _worker_pids(ray) -> set[int]:
+    @ray.remote(num_cpus=1)
+    def pid():
+        time.sleep(0.2)
+        return os.getpid()
+
+    return set(ray.get([pid.remote() for _ in range(4)]))
+
+
+def test_ray_quantize_gives_the_same_sha256_per_tensor(ray_cluster, real_f32, tmp_path, monkeypatch):
+    """The example model (Gemma 3 270M, F32 base) to Q4_K_M on 2 Ray workers: every tensor's sha256
+    equals the local run's."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    assert _cli("quantize", real_f32, local, "--type", "Q4_K_M", "-q").exit_code == 0
+    res = _cli("quantize", real_f32, remote, "--type", "Q4_K_M", "-q", "--ray")
+    assert res.exit_code == 0, res.output
+    assert _tensor_sha(local) == _tensor_sha(remote)
+    assert hashlib.sha256(local.read_bytes()).digest() == hashlib.sha256(remote.read_bytes()).digest()
+
+
+def test_ray_worker_killed_mid_run(ray_cluster, real_f32, tmp_path, monkeypatch):
+    """SIGKILL both workers while the run is under way: Ray retries their tasks on new workers and
+    the file is the local run's, byte for byte."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    remote, local = tmp_path / "ray.gguf", tmp_path / "local.gguf"
+    pids = _worker_pids(ray_cluster)
+    result = {}
+    ckpt = tmp_path / "ray.gguf.checkpoints"
+
+    def run():
+        result["res"] = _cli("quantize", real_f32, remote, "--type", "Q8_0", "-q", "--ray", "--keep-checkpoints")
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt / "manifest.json").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # tasks in flight
+    assert t.is_alive(), "the run ended before a worker could be killed"
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    t.join(600)
+    assert killed >= 1
+    assert result["res"].exit_code == 0, result["res"].output
+    assert _cli("quantize", real_f32, local, "--type", "Q8_0", "-q").exit_code == 0
+    assert _tensor_sha(local) == _tensor_sha(remote)
+    assert not (pids & _worker_pids(ray_cluster))  # the killed workers were replaced
+
+
+def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
+    """imatrix --ray on 2 workers (one BLAS thread each, as the coordinator's environment says)
+    equals `imatrix` run locally with one BLAS thread, byte for byte."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
+    args = ["-f", EXODUS, "--chunks", "40", "--ctx", "64", "-q"]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "quantcli", "imatrix", str(model), "-o", str(local), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = _cli("imatrix", model, "-o", remote, *args, "--ray")
+    assert res.exit_code == 0, res.output
+    assert local.read_bytes() == remote.read_bytes()
+
+
+def test_ray_refuses_an_input_the_workers_read_differently(ray_cluster, model, tmp_path, monkeypatch):
+    """Every node hashes the head of each input; a node that finds other bytes (another file under
+    the same path: here the coordinator is made to see other bytes) or none stops the run."""
+    from quantcli.errors import InputError
+
+    c = cluster.connect("default")
+    cluster.check_inputs(c, [model])  # the same file everywhere: accepted
+    real = cluster._head_digest
+    monkeypatch.setattr(cluster, "_head_digest", lambda p: (0, "another file"))  # the coordinator's view only
+    with pytest.raises(InputError, match=rf"{model}: the Ray worker on .* cannot read it as this machine "
+                                         r"does \(it holds other bytes\)"):
+        cluster.check_inputs(c, [model])
+    monkeypatch.setattr(cluster, "_head_digest", real)
+    missing = cluster._head_digest("/nonexistent/model.gguf")
+    assert isinstance(missing, str) and "No such file" in missing
+    np.testing.assert_equal(cluster.blas_threads() >= 1, True)
