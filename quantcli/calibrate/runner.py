@@ -268,7 +268,7 @@ def run_calibration(model: Model, tokens: np.ndarray | list[int], options: RunOp
             for o in residual:
                 o.on_residual(il, c, hidden[c])
             report(Progress("chunk", il * n_chunks + c + 1, cfg.n_layer * n_chunks, f"blk.{il}"))
-        del w
+        del w, probe  # before the next layer's weights load: memory is one layer's
         for o in observers:
             o.end_layer(il)
         if store is not None:

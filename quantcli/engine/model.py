@@ -83,6 +83,7 @@ class Model:
             name = f"blk.{il}.{short}.weight"
             if name in names:
                 w[short] = self.reader.load_f32(name)
+                self.reader.release(name)  # its stored bytes are decoded: drop their mapped pages
                 if self.simulate is not None and short in LINEARS:
                     w[short] = self.simulate.weight(w[short])
         for short in _BIASES:

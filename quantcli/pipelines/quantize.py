@@ -330,6 +330,8 @@ def run_compressed_tensors(opts: QuantizeOptions, progress: ProgressFn | None, w
                          f"{scheme} (leave them out)")
     if opts.dry_run:
         raise UsageError("--dry-run prints a GGUF plan; it does not apply to --format compressed-tensors")
+    if opts.ray is not None:
+        raise UsageError("--ray distributes GGUF quantization; --format compressed-tensors runs on this machine")
     start = time.perf_counter()
     with open_source(opts.input, warn) as reader:
         reader, merged = merge_adapters(reader, opts.lora, opts.allow_requantize, warn)
