@@ -162,7 +162,10 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (RuntimeError, ConnectionError, OSError) as exc:  # the machine cannot host a cluster at all
+        pytest.skip(f"a local Ray cluster does not start here: {str(exc).splitlines()[0]}")
     yield ray
     ray.shutdown()
 
