@@ -1,4 +1,5 @@
-"""LoRA adapters merged into a base model: W' = W + S * (alpha / r) * B @ A, per tensor, in float32.
+"""LoRA adapters merged into a base model: W' = W + S * (alpha / r) * B @ A, per tensor, as float32
+(each value rounded once from a float64 sum taken in a fixed order: `Delta.add_to`).
 
     adapters = [load_adapter(AdapterSpec(Path("my-adapter"), scale=1.0), base)]
     view = MergedView(base, adapters)     # a ModelReader: merged tensors read as F32, rows on demand
