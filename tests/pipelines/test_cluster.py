@@ -7,6 +7,7 @@ to a local run's file, inputs the workers cannot read refused."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -170,13 +171,31 @@ def ray_cluster():
     ray.shutdown()
 
 
-def _worker_pids(ray) -> set[int]:
-    @ray.remote(num_cpus=1)
-    def pid():
-        time.sleep(0.2)
-        return os.getpid()
+def _busy_workers(task: str) -> set[int]:
+    """PIDs of Ray workers running `task` now (Ray titles a worker process ray::TASK while it runs)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(f"ray::{task}".encode()):
+                    pids.add(int(d.name))
+            except OSError:
+                pass
+    return pids
 
-    return set(ray.get([pid.remote() for _ in range(4)]))
+
+def _kill_busy(task: str, thread: threading.Thread, timeout: float = 60) -> int:
+    """SIGKILL every worker running `task` as soon as one is (while the run goes on); how many."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and thread.is_alive():
+        busy = _busy_workers(task)
+        if busy:
+            for pid in busy:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            return len(busy)
+        time.sleep(0.01)
+    return 0
 
 
 def test_ray_quantize_gives_the_same_sha256_per_tensor(ray_cluster, real_f32, tmp_path, monkeypatch):
@@ -192,37 +211,21 @@ def test_ray_quantize_gives_the_same_sha256_per_tensor(ray_cluster, real_f32, tm
 
 
 def test_ray_worker_killed_mid_run(ray_cluster, real_f32, tmp_path, monkeypatch):
-    """SIGKILL both workers while the run is under way: Ray retries their tasks on new workers and
-    the file is the local run's, byte for byte."""
+    """SIGKILL the workers running slices while the run is under way: Ray runs their tasks again on
+    new workers and the file is the local run's, byte for byte."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     remote, local = tmp_path / "ray.gguf", tmp_path / "local.gguf"
-    pids = _worker_pids(ray_cluster)
     result = {}
-    ckpt = tmp_path / "ray.gguf.checkpoints"
-
-    def run():
-        result["res"] = _cli("quantize", real_f32, remote, "--type", "Q8_0", "-q", "--ray", "--keep-checkpoints")
-
-    t = threading.Thread(target=run)
+    t = threading.Thread(target=lambda: result.update(
+        res=_cli("quantize", real_f32, remote, "--type", "Q8_0", "-q", "--ray")))
     t.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpt / "manifest.json").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)  # tasks in flight
-    assert t.is_alive(), "the run ended before a worker could be killed"
-    killed = 0
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed += 1
-        except ProcessLookupError:
-            pass
+    time.sleep(1.0)  # into the run
+    killed = _kill_busy("encode_task", t)
     t.join(600)
-    assert killed >= 1
+    assert killed >= 1, "no worker was running a slice when the test looked"
     assert result["res"].exit_code == 0, result["res"].output
     assert _cli("quantize", real_f32, local, "--type", "Q8_0", "-q").exit_code == 0
     assert _tensor_sha(local) == _tensor_sha(remote)
-    assert not (pids & _worker_pids(ray_cluster))  # the killed workers were replaced
 
 
 def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
@@ -256,3 +259,31 @@ def test_ray_refuses_an_input_the_workers_read_differently(ray_cluster, model, t
     missing = cluster._head_digest("/nonexistent/model.gguf")
     assert isinstance(missing, str) and "No such file" in missing
     np.testing.assert_equal(cluster.blas_threads() >= 1, True)
+
+
+def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
+    """SIGKILL the workers running blocks once the first block is checkpointed: their blocks run
+    again on new workers and the file still equals the local run's."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    model = write_model(tmp_path / "m.gguf", "llama", n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
+                        tied=False)
+    text = tmp_path / "text.txt"
+    text.write_text(EXODUS.read_text() * 3)
+    local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
+    args = ["-f", text, "--chunks", "320", "--ctx", "64", "-q"]
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "quantcli", "imatrix", str(model), "-o", str(local), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = {}
+    t = threading.Thread(target=lambda: result.update(res=_cli("imatrix", model, "-o", remote, *args, "--ray")))
+    t.start()
+    first = tmp_path / "ray.imatrix.checkpoints" / "unit-block-0.bin"
+    deadline = time.time() + 300
+    while time.time() < deadline and not first.exists() and t.is_alive():
+        time.sleep(0.02)
+    killed = _kill_busy("imatrix_block_task", t)
+    t.join(600)
+    assert killed >= 1, "no worker was running a block when the test looked"
+    assert result["res"].exit_code == 0, result["res"].output
+    assert local.read_bytes() == remote.read_bytes()
