@@ -100,12 +100,15 @@ class Collector:
             self._block[name] += sq
         self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
+    def sum_of(self, name: str) -> np.ndarray | None:
+        """The name's sum so far: the finished blocks, then the one being summed (None: unseen)."""
+        if name in self._block:
+            return add_block(self._done.get(name), self._block[name])
+        return self._done.get(name)
+
     @property
     def sums(self) -> dict[str, np.ndarray]:
-        """Every name's sum so far: the finished blocks, then the one being summed."""
-        names = dict.fromkeys([*self._done, *self._block])
-        return {n: add_block(self._done.get(n), self._block[n]) if n in self._block else self._done[n]
-                for n in names}
+        return {n: self.sum_of(n) for n in dict.fromkeys([*self._done, *self._block])}
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {f"sum:{n}": s for n, s in self.sums.items()}
@@ -118,8 +121,7 @@ class Collector:
         for key, arr in data.items():
             kind, name = key.split(":", 1)
             if kind == "sum":
-                sums = self.sums
-                self._done[name] = add_block(sums.get(name), arr.astype(np.float64))
+                self._done[name] = add_block(self.sum_of(name), arr.astype(np.float64))
                 self._block.pop(name, None)
             elif kind == "count":
                 self.counts[name] = self.counts.get(name, 0) + int(arr)
