@@ -299,7 +299,8 @@ def _fan_out(calls: list[Callable[[str, np.ndarray], None]]) -> Callable[[str, n
     return each
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """What a checkpoint key records of the software: a resumed run must compute as the first did."""
     from importlib.metadata import version
 
     return {"quantcli": quantcli.__version__, "numpy": np.__version__, "gguf": version("gguf")}
@@ -314,7 +315,7 @@ def _store(model: Model, chunks: np.ndarray, options: RunOptions, observers: lis
            "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
            "options": {**run_options, "kv_f16": model.kv_f16, "act_quant": model.act_quant,
                        "simulate": _simulation_key(model), **key_json(extra_key or {})},
-           "observers": [o.key() for o in observers], **_versions()}
+           "observers": [o.key() for o in observers], **versions()}
     return CheckpointStore(options.checkpoint_dir, key, log)
 
 
@@ -331,7 +332,7 @@ def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer
             log: Callable[[str], None]) -> int:
     """Load the later hidden-state unit whose layers all have their statistics; the first layer to run."""
     saved = [(int(d["layer"]), d) for u in ("hidden-0", "hidden-1")
-             if (p := store.get(u)) is not None for d in [_read_npz(p)]]
+             if (p := store.get(u)) is not None for d in [read_npz(p)]]
     for layer_done, data in sorted(saved, key=lambda t: -t[0]):
         stats = [store.get(f"stats-{il}") for il in range(layer_done + 1)]
         if data["hidden"].shape == hidden.shape and all(p is not None for p in stats):
@@ -342,7 +343,7 @@ def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer
                 if carried:
                     o.load_carry_state(carried)
             for il, p in enumerate(stats):
-                state = _read_npz(p)
+                state = read_npz(p)
                 for o in observers:
                     prefix = o.name + "/"
                     o.load_layer_state(il, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
@@ -354,19 +355,19 @@ def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer
 def _save_layer(store: CheckpointStore, il: int, hidden: np.ndarray, observers: list[Observer]) -> None:
     state = {f"{o.name}/{k}": v for o in observers for k, v in o.layer_state(il).items()}
     with store.put(f"stats-{il}") as fh:
-        fh.write(_npz(**state))
+        fh.write(npz_bytes(**state))
     carry = {f"carry/{o.name}/{k}": v for o in observers for k, v in o.carry_state().items()}
     with store.put(f"hidden-{il % 2}") as fh:
-        fh.write(_npz(layer=np.array(il), hidden=np.asarray(hidden), **carry))
+        fh.write(npz_bytes(layer=np.array(il), hidden=np.asarray(hidden), **carry))
 
 
-def _npz(**arrays: np.ndarray) -> bytes:
+def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 

@@ -209,11 +209,9 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
     on this process, exactly as a local run adds them. Finished blocks are checkpointed here."""
     import time
 
-    import numpy as np
-
     from quantcli.calibrate import imatrix as calib
     from quantcli.calibrate import imatrix_file as imf
-    from quantcli.calibrate.runner import RunOptions, make_chunks, model_fingerprint
+    from quantcli.calibrate.runner import RunOptions, make_chunks, model_fingerprint, npz_bytes, read_npz, versions
     from quantcli.checkpoint import CheckpointStore
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
@@ -234,7 +232,8 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
         key = {"kind": "imatrix-ray", "model": model_fingerprint(reader),
                "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
                "options": {"ctx": options.ctx, "process_output": options.process_output, "kv_f16": options.kv_f16,
-                           "act_quant": options.act_quant, "block": calib.REDUCTION_BLOCK, "blas_threads": threads}}
+                           "act_quant": options.act_quant, "block": calib.REDUCTION_BLOCK, "blas_threads": threads},
+               **versions()}
     store = CheckpointStore(options.checkpoint_dir, key, log) if options.checkpoint_dir is not None else None
     blocks = [chunks[i:i + calib.REDUCTION_BLOCK] for i in range(0, len(chunks), calib.REDUCTION_BLOCK)]
     saved = {b for b in range(len(blocks)) if store is not None and store.get(f"block-{b}") is not None}
@@ -253,17 +252,12 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
         total = calib.Collector()
         for b in range(len(blocks)):
             if b in saved:
-                with np.load(store.get(f"block-{b}")) as z:  # type: ignore[union-attr]
-                    arrays = {k: z[k] for k in z.files}
+                arrays = read_npz(store.get(f"block-{b}"))  # type: ignore[union-attr,arg-type]
             else:
                 arrays = next(results)
                 if store is not None:
-                    import io
-
-                    buf = io.BytesIO()
-                    np.savez(buf, **arrays)
                     with store.put(f"block-{b}") as fh:
-                        fh.write(buf.getvalue())
+                        fh.write(npz_bytes(**arrays))
             total.add_arrays(arrays)
             report(Progress("block", b + 1, len(blocks), f"chunks {b * calib.REDUCTION_BLOCK}-"
                                                          f"{b * calib.REDUCTION_BLOCK + len(blocks[b]) - 1}"))
