@@ -94,6 +94,25 @@ class Codec:
         return cols // cls.block_size * cls.type_size
 
 
+class FirstUseKernel:
+    """`fn` compiled with numba (the codecs' JIT options, cached on disk) when it is first called, so
+    that importing the module that defines it does not load numba. `dispatcher` is the compiled
+    function once there is one (None before)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.dispatcher = fn, None
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args):
+        if self.dispatcher is None:
+            from numba import njit
+
+            from quantcli.codecs._ggml_math import JIT
+
+            self.dispatcher = njit(**JIT)(self.fn)
+        return self.dispatcher(*args)
+
+
 def rows_out(out: np.ndarray | None, rows: int, cols: int) -> np.ndarray:
     """The (rows, cols) float32 array a decoder fills: `out` itself, checked, or a new one."""
     if out is None:

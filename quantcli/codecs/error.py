@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from quantcli.codecs.base import Codec
+from quantcli.codecs.base import Codec, FirstUseKernel
 
 CHUNK_VALUES = 1 << 20  # rows per pass: about this many values (a 4 MiB float32 decode buffer)
 
@@ -140,19 +140,7 @@ def _error_rows(x, y, imp, stats):
         stats[r, 4] = mx
 
 
-_kernel = None
-
-
-def _error_kernel():
-    """`_error_rows` compiled on first use, so that importing quantcli.codecs does not load numba."""
-    global _kernel
-    if _kernel is None:
-        from numba import njit
-
-        from quantcli.codecs._ggml_math import JIT
-
-        _kernel = njit(**JIT)(_error_rows)
-    return _kernel
+_error_kernel = FirstUseKernel(_error_rows)
 
 
 def error_of(
@@ -170,7 +158,7 @@ def error_of(
     imp = np.ones(cols, np.float32) if importance is None else importance
     chunk = max(1, min(rows, CHUNK_VALUES // max(cols, 1)))
     buf = np.empty((chunk, cols), np.float32)
-    kernel = _error_kernel()
+    kernel = _error_kernel
     from quantcli.codecs._ggml_math import readonly  # one signature, memory map or not
 
     imp = readonly(imp)

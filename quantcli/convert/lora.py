@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
+from quantcli.codecs.base import FirstUseKernel
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import ModelReader, open_model
 from quantcli.formats.base import TensorInfo
@@ -76,7 +78,7 @@ class Delta:
         float32(w + factor * sum_k left[i, k] * right[k, j]) with the sum in float64 in k order, so
         a row is the same whatever slice it is computed in (a BLAS product is not: its blocking
         depends on the slice's size), and quantizing gives the same bytes for any slicing."""
-        _kernel()(self.left[start:start + w.shape[0]], self.right, float(self.factor), w)
+        _kernel(self.left[start:start + w.shape[0]], self.right, float(self.factor), w)
 
 
 def _add_lowrank(left, right, factor, w):
@@ -94,19 +96,7 @@ def _add_lowrank(left, right, factor, w):
             w[i, j] = np.float32(np.float64(w[i, j]) + factor * acc[j])
 
 
-_compiled = None
-
-
-def _kernel():
-    """`_add_lowrank` compiled on first use (numba, cached on disk like the codecs' kernels)."""
-    global _compiled
-    if _compiled is None:
-        from numba import njit
-
-        from quantcli.codecs._ggml_math import JIT
-
-        _compiled = njit(**JIT)(_add_lowrank)
-    return _compiled
+_kernel = FirstUseKernel(_add_lowrank)
 
 
 @dataclass(frozen=True)
@@ -370,14 +360,11 @@ class MergedView(ModelReader):
     """`base` with its adapters' updates added: each updated tensor reads as F32, computed from the
     base's rows when asked for (`load_rows` / `raw_rows` of a slice cost only that slice)."""
 
-    format = "gguf"
-
     def __init__(self, base: ModelReader, adapters: list[Adapter], allow_requantize: bool = False) -> None:
         super().__init__(base.path)
         self.base, self.adapters = base, adapters
         self.format = base.format
         self.kv = base.kv
-        self.config = getattr(base, "config", None)
         self.deltas: dict[str, list[Delta]] = {}
         for adapter in adapters:
             for name, ds in adapter.deltas.items():
@@ -390,7 +377,7 @@ class MergedView(ModelReader):
                                  "base decodes it, and quantizing again loses more",
                                  hint="pass --allow-requantize to accept that, or merge into the F16/BF16/F32 base")
             n = info.n_params
-            self.tensors[name] = TensorInfo(name, info.shape, "F32", _F32, 4 * n, 0)
+            self.tensors[name] = TensorInfo(name, info.shape, "F32", GGMLQuantizationType.F32, 4 * n, 0)
         self._cache: tuple[str, np.ndarray] | None = None  # the last tensor merged whole
 
     def close(self) -> None:
@@ -442,15 +429,6 @@ class MergedView(ModelReader):
 
     def provenance(self) -> list[dict[str, Any]]:
         return [a.provenance() for a in self.adapters]
-
-
-def _f32_type():
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType.F32
-
-
-_F32 = _f32_type()
 
 
 def merged(base: ModelReader, specs: list[AdapterSpec], allow_requantize: bool = False,

@@ -52,8 +52,9 @@ def _dispatchers() -> list:
     seen = {}
     from quantcli.codecs import error
 
-    if error._kernel is not None:  # compiled on first use, not at import
-        seen[id(error._kernel)] = error._kernel
+    compiled = error._error_kernel.dispatcher  # compiled on first use, not at import
+    if compiled is not None:
+        seen[id(compiled)] = compiled
     for mod in mods:
         for obj in vars(mod).values():
             if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
