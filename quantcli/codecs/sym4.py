@@ -56,14 +56,19 @@ def block_scales(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return blocks, scale.astype(np.float32)
 
 
-def quantize_values(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) float32 -> q int8 (rows, cols) in [-7, 7] and scales float32 (rows, n_blocks)."""
-    rows, cols = x.shape
+def _quantize_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) float32 -> q int8 (rows, n_blocks * 64), the padding 0, and scales (rows, n_blocks)."""
     blocks, scale = block_scales(x)
     s = scale[:, :, None]
     v = np.divide(blocks, s, out=np.zeros_like(blocks), where=s > 0)  # float32 x / scale
     q = np.clip(round_half_away(v), -QMAX, QMAX).astype(np.int8)
-    return q.reshape(rows, -1)[:, :cols], scale
+    return q.reshape(x.shape[0], -1), scale
+
+
+def quantize_values(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) float32 -> q int8 (rows, cols) in [-7, 7] and scales float32 (rows, n_blocks)."""
+    q, scale = _quantize_blocks(x)
+    return q[:, :x.shape[1]], scale
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -96,11 +101,9 @@ class Sym4B64(Codec, named_type="SYM4_B64", block_size=BLOCK):
     def quantize_rows(cls, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         # importance does not change a symmetric absmax code: one scale per block, no search
         rows, cols = x.shape
-        q, scale = quantize_values(x)
+        q, scale = _quantize_blocks(x)
         nb = scale.shape[1]
-        full = np.zeros((rows, nb * BLOCK), np.int8)
-        full[:, :cols] = q
-        nib = pack_nibbles(full).reshape(rows, nb, BLOCK // 2)
+        nib = pack_nibbles(q).reshape(rows, nb, BLOCK // 2)
         tail = cols - (nb - 1) * BLOCK  # values in the last block
         if tail % 2:  # its padding nibble: 0, not the 8 of a stored zero
             nib[:, -1, tail // 2] &= 0x0F
