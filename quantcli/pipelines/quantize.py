@@ -666,34 +666,47 @@ def _execute(run: _Run) -> int:
     return resumed
 
 
+class _TensorProgress:
+    """Progress of the tensors written (or found intact), in file order."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run, self.n, self.bytes = run, 0, 0
+        self.total = sum(p.info.nbytes for p in run.plan)
+
+    def done(self, p: PlannedTensor) -> None:
+        self.n += 1
+        self.bytes += p.info.nbytes
+        self.run.step(Progress("tensor", self.n, len(self.run.plan), p.info.name, self.bytes, self.total))
+
+
+def _units(run: _Run, writer: Writer, store: checkpoint.CheckpointStore):
+    """(label, tensors, first byte, bytes, intact) of each unit in file order; intact: recorded and
+    still hashing right in the partial file, so it is not written again."""
+    for label, group in units_of(run.plan):
+        slots = [writer.slot(p.info.name) for p in group]
+        first, size = slots[0].offset, sum(s.nbytes + s.pad for s in slots)
+        yield label, group, first, size, _unit_intact(writer, store, label, first)
+
+
+def _record_unit(store: checkpoint.CheckpointStore, label: str, start: int, size: int, digest: Any) -> None:
+    # no fsync per unit: after a crash the recorded sha256 is checked before reuse
+    store.record(label, {"start": start, "bytes": size, "sha256": digest.hexdigest()})
+
+
 def _write_units(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -> int:
     """Every unit not already intact in the partial file, through the slice pipeline."""
     if run.opts.ray is not None:
         return _write_units_ray(run, writer, store)
-    plan = run.plan
     n_threads = run.opts.threads or os.cpu_count() or 1
     chunk = chunk_bytes(n_threads)
-    total_in = sum(p.info.nbytes for p in plan)
-    done = {"in": 0, "n": 0, "resumed": 0}
-
-    def tensor_done(p: PlannedTensor) -> None:
-        done["in"] += p.info.nbytes
-        done["n"] += 1
-        run.step(Progress("tensor", done["n"], len(plan), p.info.name, done["in"], total_in))
-
-    def unit_done(label: str, start: int, size: int, digest: Any) -> None:
-        # no fsync per unit: after a crash the recorded sha256 is checked before reuse
-        store.record(label, {"start": start, "bytes": size, "sha256": digest.hexdigest()})
-
+    progress, resumed = _TensorProgress(run), 0
     pipe = Pipeline(n_threads, chunk)
     try:
-        for label, group in units_of(plan):
-            slots = [writer.slot(p.info.name) for p in group]
-            first, size = slots[0].offset, sum(s.nbytes + s.pad for s in slots)
-            if _unit_intact(writer, store, label, first):
-                done["resumed"] += 1
+        for label, group, first, size, intact in _units(run, writer, store):
+            if intact:
+                resumed += 1
                 for p in group:
-                    pipe.then(functools.partial(tensor_done, p))
+                    pipe.then(functools.partial(progress.done, p))
                 continue
             digest = hashlib.sha256()
             for p in group:
@@ -702,12 +715,12 @@ def _write_units(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -
                     pipe.submit(functools.partial(write_slice, writer, s, read_slice(run.reader, s, buf)),
                                 digest, buf)
                 run.reader.release(p.info.name)
-                pipe.then(functools.partial(tensor_done, p))
-            pipe.then(functools.partial(unit_done, label, first, size, digest))
+                pipe.then(functools.partial(progress.done, p))
+            pipe.then(functools.partial(_record_unit, store, label, first, size, digest))
         pipe.drain()
     finally:
         pipe.close()
-    return done["resumed"]
+    return resumed
 
 
 def _write_units_ray(run: _Run, writer: Writer, store: checkpoint.CheckpointStore) -> int:
@@ -718,24 +731,19 @@ def _write_units_ray(run: _Run, writer: Writer, store: checkpoint.CheckpointStor
 
     if run.transformed:
         raise UsageError("--ray reads the input on the workers: a transformed model (smooth) cannot go there")
-    plan = run.plan
     ray_cluster = cluster.connect(run.opts.ray, run.opts.threads or None)
     try:
         cluster.check_inputs(ray_cluster, [Path(run.opts.input)] + [Path(a.path) for a in run.opts.lora])
         task = ray_cluster.remote(cluster.encode_task)
         source, lora = str(Path(run.opts.input).resolve()), tuple(run.opts.lora)
-        total_in = sum(p.info.nbytes for p in plan)
-        done = {"in": 0, "n": 0, "resumed": 0}
-        work: list[tuple[Any, str, int, int, bool, bool]] = []  # slice, unit, its first byte, its bytes, last of
-        # its tensor, last of its unit
-
-        for label, group in units_of(plan):
-            slots = [writer.slot(p.info.name) for p in group]
-            first, size = slots[0].offset, sum(s.nbytes + s.pad for s in slots)
-            if _unit_intact(writer, store, label, first):
-                done["resumed"] += 1
-                done["n"] += len(group)
-                done["in"] += sum(p.info.nbytes for p in group)
+        progress, resumed = _TensorProgress(run), 0
+        # slice, unit, its first byte, its bytes, last slice of its tensor, last slice of its unit
+        work: list[tuple[Any, str, int, int, bool, bool]] = []
+        for label, group, first, size, intact in _units(run, writer, store):
+            if intact:
+                resumed += 1
+                for p in group:
+                    progress.done(p)
                 continue
             unit = []
             for p in group:
@@ -749,15 +757,13 @@ def _write_units_ray(run: _Run, writer: Writer, store: checkpoint.CheckpointStor
             for written in writer.write_rows(s.p.info.name, s.start, data):
                 digest.update(written)
             if tensor_last:
-                done["in"] += s.p.info.nbytes
-                done["n"] += 1
-                run.step(Progress("tensor", done["n"], len(plan), s.p.info.name, done["in"], total_in))
+                progress.done(s.p)
             if unit_last:
-                store.record(label, {"start": first, "bytes": size, "sha256": digest.hexdigest()})
+                _record_unit(store, label, first, size, digest)
                 digest = hashlib.sha256()
     finally:
         ray_cluster.close()
-    return done["resumed"]
+    return resumed
 
 
 def _unit_intact(writer: Writer, store: checkpoint.CheckpointStore, label: str, start: int) -> bool:
