@@ -102,6 +102,12 @@ def _nbytes(spec: TensorSpec) -> int:
     return int(np.prod(spec.shape, dtype=np.int64)) * SAFETENSORS_DTYPES[spec.type][1]
 
 
+def config_of_source(reader: Any) -> dict | None:
+    """The source directory's config.json of a Hugging Face model read through the converter view
+    (`reader.source.config`); None for a GGUF source (the config is then made from its metadata)."""
+    return getattr(getattr(reader, "source", None), "config", None) or None
+
+
 def quantization_config(activations: str, ignore: list[str], scheme: str = "W8A8") -> dict[str, Any]:
     """config.json's `quantization_config`: for int8 W8A8, weights per channel and activations per
     token and dynamic, or (static) one scale per tensor from calibration; for W4A16, weights int4

@@ -353,7 +353,7 @@ def run_compressed_tensors(opts: QuantizeOptions, progress: ProgressFn | None, w
         source = Path(opts.input)
         res = ct.write_compressed_tensors(
             reader, Path(opts.output), linears=linears, scheme=scheme,
-            source_config=getattr(getattr(reader, "source", None), "config", None) or None,
+            source_config=ct.config_of_source(reader),
             tokenizer_dir=source if source.is_dir() else None, metadata=header, force=opts.force,
             progress=progress)
         for w in res.warnings:

@@ -378,7 +378,7 @@ def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, m
                               linears: list[str], input_max: dict[str, float], progress: ProgressFn | None,
                               warn: Callable[[str], None]) -> int:
     from quantcli.pipelines.common import provenance, source_sha256
-    from quantcli.pipelines.compressed_tensors import write_compressed_tensors
+    from quantcli.pipelines.compressed_tensors import config_of_source, write_compressed_tensors
 
     header = {"quantcli.smooth": json.dumps({k[len("smooth."):]: _plain(v) for k, v in meta.items()
                                              if not k.startswith(("smooth.input_max", "smooth.static_max"))})}
@@ -387,7 +387,7 @@ def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, m
     tokenizer = opts.tokenizer or (model if model.is_dir() else None)
     res = write_compressed_tensors(
         smoothed, Path(opts.output), linears=linears, activations=opts.activations, input_max=input_max,
-        source_config=getattr(getattr(reader, "source", None), "config", None) or None, tokenizer_dir=tokenizer, metadata=header,
+        source_config=config_of_source(reader), tokenizer_dir=tokenizer, metadata=header,
         force=opts.force, progress=progress)
     for w in res.warnings:
         warn(w)
