@@ -159,6 +159,37 @@ def fold(short: str, arr: np.ndarray, scales: dict[str, np.ndarray], mappings: t
     return out
 
 
+def fold_layer(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], mappings: tuple[Mapping, ...],
+               cfg: Any) -> None:
+    """Fold a layer's scales into its float32 weights (by short name), in place."""
+    for short in list(weights):
+        folded = fold(short, weights[short], scales, mappings, cfg)
+        if folded is not weights[short]:
+            weights[short][...] = folded
+
+
+@dataclass
+class LayerInputs:
+    """What smoothing measures of a layer's inputs before deciding (SmoothObserver.gather): per
+    block input (probe_inputs' keys) the per-channel max|x| and the rows at the sampled positions,
+    and the inputs of the chunks the static block search runs on."""
+
+    act_max: dict[str, np.ndarray]
+    sample: dict[str, np.ndarray]
+    heads: list[np.ndarray]  # [ctx, n_embd] per searched chunk, in chunk order
+
+    @classmethod
+    def merge(cls, parts: list["LayerInputs"]) -> "LayerInputs":
+        """Shards of the chunks, in chunk order, as one run's: the maxima are exact in any order,
+        the rows and chunk inputs join in chunk order, so any split gives the same arrays."""
+        act_max: dict[str, np.ndarray] = {}
+        for p in parts:
+            for k, v in p.act_max.items():
+                act_max[k] = np.maximum(act_max[k], v) if k in act_max else v
+        sample = {k: np.concatenate([p.sample[k] for p in parts]) for k in parts[0].sample}
+        return cls(act_max, sample, [x for p in parts for x in p.heads])
+
+
 @dataclass
 class LayerSmoothing:
     """What smoothing did to one layer (the checkpointed state; all arrays float32)."""
@@ -349,10 +380,24 @@ class SmoothObserver(Observer, name="smooth"):
 
     # -- the layer --------------------------------------------------------------------------------
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
+        self.decide(il, weights, self.gather(il, probe))
+
+    def gather(self, il: int, probe: Probe, first: int = 0) -> LayerInputs:
+        """What layer il's decision needs of its inputs, from the chunks `probe` runs: chunks first,
+        first + 1, ... of the run (a shard of them on a cluster; LayerInputs.merge joins shards)."""
+        rows = self.rows_[first:first + probe.n_chunks]
+        act_max, sample = probe_inputs(il, probe, rows)
+        searched = self.alpha == "auto" and self.activations != "token"
+        heads = [probe.input(c) for c in range(probe.n_chunks) if searched and first + c < self.search_chunks]
+        return LayerInputs(act_max, sample, heads)
+
+    def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs) -> LayerSmoothing:
+        """Choose layer il's alpha, scales and static scales from its inputs, record them, and fold
+        the scales into `weights` (in place)."""
         res = self.result_
         assert res is not None, "begin() first"
         cfg = res.config
-        act_max, sample = probe_inputs(il, probe, self.rows_)
+        act_max, sample = inputs.act_max, inputs.sample
         w_max = {m.name: _per_source_channel(m, np.max([np.abs(weights[c]).max(axis=0) for c in m.consumers],
                                                       axis=0), cfg) for m in res.mappings}
         a_max = {m.name: _per_source_channel(m, act_max[m.consumers[0]], cfg) for m in res.mappings}
@@ -374,7 +419,8 @@ class SmoothObserver(Observer, name="smooth"):
                 curves[m.name] = np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
             alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
         else:
-            curves["block"] = np.array([self._block_error(il, weights, probe, act_max, sample, scales(same(a)))
+            block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
+            curves["block"] = np.array([self._block_error(il, weights, inputs, block_refs, scales(same(a)))
                                         for a in grid], np.float32)
             alphas = same(float(grid[int(np.argmin(curves["block"]))]))
         s = scales(alphas)
@@ -382,14 +428,12 @@ class SmoothObserver(Observer, name="smooth"):
         before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones))
         static = self._static(act_max, sample, s)
         after = self._errors(weights, sample, refs, s, static)
-        for short in list(weights):
-            folded = fold(short, weights[short], s, res.mappings, cfg)
-            if folded is not weights[short]:
-                weights[short][...] = folded
+        fold_layer(weights, s, res.mappings, cfg)
         vals = list(alphas.values())
-        res.layers[il] = LayerSmoothing(float(np.mean(vals)) if len(set(vals)) > 1 else vals[0], s, act_max,
-                                        before, after, curves, {k: v.astype(np.float32) for k, v in w_max.items()},
-                                        alphas, static or {})
+        layer = LayerSmoothing(float(np.mean(vals)) if len(set(vals)) > 1 else vals[0], s, act_max, before, after,
+                               curves, {k: v.astype(np.float32) for k, v in w_max.items()}, alphas, static or {})
+        res.layers[il] = layer
+        return layer
 
     def _inputs_scale(self, s: dict[str, np.ndarray]) -> dict[str, np.ndarray | float]:
         """Per block input (_SHARING key): what smoothing divides it by (1 where nothing maps it)."""
@@ -424,25 +468,21 @@ class SmoothObserver(Observer, name="smooth"):
                 out[c] = float(np.einsum("ij,ij->", diff, diff, dtype=np.float64)) / den if den > 0 else 0.0
         return out
 
-    def _block_error(self, il: int, weights: dict[str, np.ndarray], probe: Probe, act_max: dict[str, np.ndarray],
-                     sample: dict[str, np.ndarray], s: dict[str, np.ndarray]) -> float:
-        """The whole block run as static W8A8 with the layer smoothed by s, against the float block,
-        on the first `search_chunks` chunks: mean over tokens of ||dh||^2 / ||h||^2 of its output."""
+    def _block_error(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+                     refs: list[np.ndarray], s: dict[str, np.ndarray]) -> float:
+        """The whole block run as static W8A8 with the layer smoothed by s, against the float block
+        (`refs`), on the first `search_chunks` chunks: mean over tokens of ||dh||^2 / ||h||^2 of its output."""
         res, model = self.result_, self.model_
-        if not hasattr(self, "block_refs_") or self.block_refs_[0] != il:
-            xs = [probe.input(c) for c in range(min(self.search_chunks, probe.n_chunks))]
-            self.block_refs_ = (il, xs, [model.layer(il, weights, x) for x in xs])
-        _, xs, refs = self.block_refs_
         w = {k: fold(k, v, s, res.mappings, res.config) for k, v in weights.items()}
         for k in LINEARS:
             if k in w:
                 w[k] = fake_quant_weight(w[k])
-        static = self._static(act_max, sample, s, SEARCH_ROWS)
+        static = self._static(inputs.act_max, inputs.sample, s, SEARCH_ROWS)
         sim = copy.copy(model)
         sim.simulate = W8A8("tensor", act_max={f"blk.{il}.{short}.weight": static[inp]
                                                for inp, shorts in _SHARING.items() for short in shorts})
         total, n = 0.0, 0
-        for x, ref in zip(xs, refs):
+        for x, ref in zip(inputs.heads, refs):
             d = sim.layer(il, w, x) - ref
             num = np.einsum("ij,ij->i", d, d, dtype=np.float64)
             den = np.einsum("ij,ij->i", ref, ref, dtype=np.float64)

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli.cli.app import app
-from quantcli.cli.common import boundary, err, out, progress_bar
+from quantcli.cli.common import boundary, err, out, progress_bar, ray_option
 from quantcli.pipelines import smooth as pipeline
 
 
@@ -65,6 +65,10 @@ def smooth(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Layer checkpoints (default: OUT.checkpoints)."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
     threads: int = typer.Option(0, "--threads", "-j", help="Quantization threads (0: all cores)."),
+    ray: bool = typer.Option(False, "--ray", help="Gather the statistics on a Ray cluster ($RAY_ADDRESS's, else one "
+                             "started on this machine); the model must be on storage every worker sees."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster for --ray: auto, "
+                                              "ray://HOST:PORT or HOST:PORT."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite outputs that exist."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary (schema quantcli.smooth/1)."),
@@ -75,7 +79,7 @@ def smooth(
         format=fmt, type=preset, activations=activations, static_scales=static_scales, scales_out=scales_out, plot=plot,
         keep_problem_layers=keep_problem_layers, problem_error=problem_error, tokenizer=tokenizer,
         allow_requantize=allow_requantize, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-        threads=threads, force=force)
+        threads=threads, force=force, ray=ray_option(ray, ray_address))
 
     def warn(msg: str) -> None:
         if not quiet and not as_json:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from quantcli.errors import InputError, QuantcliError, UsageError
 
-TASK_RETRIES = 4  # a task whose worker dies is run again, up to this many times
+TASK_RETRIES = 4  # a task whose worker dies is run again, up to this many times (an actor: restarted)
 PROBE_BYTES = 1 << 20  # the head of each input every node hashes: the same file, not only the same name
 
 
@@ -34,6 +34,9 @@ def _ray() -> Any:
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'quantcli[ray]'") from None
     return ray
+
+
+LOST = object()  # Cluster.results' answer for a call whose actor died
 
 
 @dataclass
@@ -84,6 +87,21 @@ class Cluster:
         except self.ray.exceptions.WorkerCrashedError:
             raise QuantcliError(f"a Ray worker died {TASK_RETRIES + 1} times running one task; "
                                 "giving up (see the Ray logs)") from None
+
+    def actor_class(self, cls: type, **options: Any) -> Any:
+        """`cls` as a Ray actor class (`.remote(*args)` starts one). A dead actor is not restarted
+        by Ray: its state is the coordinator's to rebuild (see ShardPool)."""
+        return self.ray.remote(max_restarts=0, **options)(cls)
+
+    def results(self, refs: list) -> list:
+        """The results of actor calls, in order; LOST where the actor died before answering."""
+        out = []
+        for ref in refs:
+            try:
+                out.append(self.get(ref))
+            except self.ray.exceptions.RayActorError:
+                out.append(LOST)
+        return out
 
     def close(self) -> None:
         if self.started:
@@ -269,3 +287,152 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
     if store is not None and not options.keep_checkpoints:
         store.remove()
     return calib.ImatrixResult(result, len(chunks), int(chunks.size), time.perf_counter() - t0, 0)
+
+
+# -- layer-synchronous shards (smooth) -------------------------------------------------------------
+
+
+class ShardPool:
+    """Actors that each hold a shard of the chunks' hidden states and move them on layer by layer,
+    in step: `each(method, args)` calls every shard and returns their answers in shard order. A
+    shard whose actor dies is started again and brought to where the others are by replaying the
+    layers passed (`replay()`: the (layer, scales) list its `advance` takes, which the coordinator
+    keeps), then asked again: a lost worker costs its shard's replay, not the run."""
+
+    def __init__(self, cluster: Cluster, actor: Any, shard_args: list[tuple],
+                 replay: Callable[[], list], log: Callable[[str], None]) -> None:
+        self.cluster, self.actor, self.shard_args = cluster, actor, shard_args
+        self.replay, self.log = replay, log
+        self.handles: list[Any] = [None] * len(shard_args)
+        self._start(list(range(len(shard_args))))
+
+    def _start(self, shards: list[int]) -> None:
+        """Start these shards' actors afresh and replay the layers passed, again for any that die."""
+        for _ in range(TASK_RETRIES + 1):
+            for i in shards:
+                self.handles[i] = self.actor.remote(*self.shard_args[i])
+            layers = self.replay()
+            if not layers:
+                return
+            answers = self.cluster.results([self.handles[i].advance.remote(layers) for i in shards])
+            shards = [i for i, a in zip(shards, answers) if a is LOST]
+            if not shards:
+                return
+        raise QuantcliError(f"the Ray workers holding shard(s) {shards} died {TASK_RETRIES + 1} times; "
+                            "giving up (see the Ray logs)")
+
+    def each(self, method: str, *args: Any) -> list:
+        answers = self.cluster.results([getattr(h, method).remote(*args) for h in self.handles])
+        for _ in range(TASK_RETRIES + 1):
+            lost = [i for i, a in enumerate(answers) if a is LOST]
+            if not lost:
+                return answers
+            self.log(f"the Ray worker(s) holding shard(s) {lost} died; starting them again "
+                     f"({len(self.replay())} layer(s) to replay)")
+            self._start(lost)
+            for i, a in zip(lost, self.cluster.results([getattr(self.handles[i], method).remote(*args)
+                                                        for i in lost])):
+                answers[i] = a
+        raise QuantcliError(f"the Ray workers holding shard(s) {lost} died {TASK_RETRIES + 1} times; "
+                            "giving up (see the Ray logs)")
+
+
+class SmoothShard:
+    """Chunks [c0, c1) of a `smooth` run on a worker: their hidden states, moved on layer by layer
+    with the scales the coordinator chose; `gather(il)` measures layer il's inputs on them."""
+
+    def __init__(self, source: str, chunks: Any, c0: int, c1: int, observer_options: dict) -> None:
+        from quantcli.calibrate.smooth import SmoothObserver
+        from quantcli.engine.model import Model
+
+        self.model = Model(worker_reader(source, ()))
+        self.observer = SmoothObserver(**observer_options)
+        self.observer.begin(self.model, chunks)  # the run's sampled rows, over all its chunks
+        self.first = c0
+        self.hidden = self.model.embed(chunks[c0:c1])  # [c1 - c0, ctx, n_embd]
+        self.weights: tuple[int, dict] | None = None  # layer il's weights, between gather and advance
+
+    def _layer(self, il: int) -> dict:
+        if self.weights is None or self.weights[0] != il:
+            self.weights = (il, self.model.layer_weights(il))
+        return self.weights[1]
+
+    def gather(self, il: int) -> Any:
+        from quantcli.calibrate.runner import Probe
+
+        return self.observer.gather(il, Probe(self.model, il, self._layer(il), self.hidden), self.first)
+
+    def advance(self, layers: list) -> int:
+        """Move the shard through these layers, (il, scales) each, every one smoothed by its scales."""
+        from quantcli.calibrate.smooth import fold_layer
+
+        res = self.observer.result()
+        for il, scales in layers:
+            w = self._layer(il)
+            fold_layer(w, scales, res.mappings, res.config)
+            for c in range(len(self.hidden)):
+                self.hidden[c] = self.model.layer(il, w, self.hidden[c])
+            self.weights = None
+        return len(self.hidden)
+
+
+def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir: Path | None, address: str,
+           progress: Any = None, log: Callable[[str], None] | None = None) -> int:
+    """`smooth`'s statistics on a Ray cluster, into `observer` (a SmoothObserver, begun here): the
+    chunks in shards, one actor each holding its shard's hidden states; per layer every shard
+    measures its inputs (SmoothObserver.gather), this process merges them in chunk order, decides
+    alpha and the scales with the layer's weights, and the shards move on through the smoothed
+    layer. Maxima merge exactly and rows join in chunk order, so the result is the local run's
+    for any number of workers. Layers decided are checkpointed here; returns the layers resumed."""
+    import time
+
+    from quantcli.calibrate.runner import model_fingerprint, npz_bytes, read_npz, versions
+    from quantcli.calibrate.smooth import LayerInputs
+    from quantcli.checkpoint import CheckpointStore
+    from quantcli.progress import Progress, progress_or_noop
+
+    report, log = progress_or_noop(progress), log or (lambda _m: None)
+    threads = blas_threads()
+    n_chunks, n_layer = len(chunks), model.config.n_layer
+    observer.begin(model, chunks)
+    store = None
+    if checkpoint_dir is not None:
+        key = {"kind": "smooth-ray", "model": model_fingerprint(model.reader),
+               "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
+               "options": {"ctx": int(chunks.shape[1]), "blas_threads": threads}, "observers": [observer.key()],
+               **versions()}
+        store = CheckpointStore(checkpoint_dir, key, log)
+    start = 0
+    while store is not None and start < n_layer and (p := store.get(f"stats-{start}")) is not None:
+        observer.load_layer_state(start, read_npz(p))
+        start += 1
+    if start:
+        log(f"resuming after layer {start - 1} from {store.dir}")  # type: ignore[union-attr]
+    layers_done: list = [(il, observer.result().layers[il].scales) for il in range(start)]
+
+    cluster = connect(address)
+    try:
+        check_inputs(cluster, [Path(source)])
+        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        cpus = min(threads, cluster.node_cpus)
+        actor = cluster.actor_class(SmoothShard, num_cpus=cpus, runtime_env={"env_vars": env})
+        n_shards = max(1, min(n_chunks, cluster.workers // cpus))
+        bounds = [round(i * n_chunks / n_shards) for i in range(n_shards + 1)]
+        name = str(Path(source).resolve())
+        args = [(name, chunks, bounds[i], bounds[i + 1], observer.options) for i in range(n_shards)]
+        pool = ShardPool(cluster, actor, args, lambda: list(layers_done), log)  # resumed: replays start's layers
+        for il in range(start, n_layer):
+            t0 = time.perf_counter()
+            inputs = LayerInputs.merge(pool.each("gather", il))
+            weights = model.layer_weights(il)
+            layer = observer.decide(il, weights, inputs)
+            del weights, inputs
+            if store is not None:
+                with store.put(f"stats-{il}") as fh:
+                    fh.write(npz_bytes(**observer.layer_state(il)))
+            pool.each("advance", [(il, layer.scales)])
+            layers_done.append((il, layer.scales))
+            report(Progress("layer", il + 1, n_layer, f"blk.{il} ({time.perf_counter() - t0:.1f} s)"))
+    finally:
+        cluster.close()
+    return start

@@ -70,6 +70,7 @@ class SmoothOptions:
     keep_checkpoints: bool = False
     threads: int = 0
     force: bool = False
+    ray: str | None = None  # the statistics on a Ray cluster: "default", "auto" or "ray://host:port" (cluster.py)
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,14 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         t0 = time.perf_counter()
         obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
                              static_scales=opts.static_scales)
-        calibration = run_calibration(model, tokens, run_opts, [obs], progress, warn_)
+        if opts.ray is not None:  # the same statistics from shards of the chunks on a Ray cluster
+            from quantcli.calibrate.runner import make_chunks
+            from quantcli.pipelines import cluster
+
+            resumed = cluster.smooth(opts.model, model, make_chunks(model, tokens, run_opts), obs,
+                                     run_opts.checkpoint_dir, opts.ray, progress, warn_)
+        else:
+            resumed = run_calibration(model, tokens, run_opts, [obs], progress, warn_).resumed_layers
         result = obs.result()
         calibration_seconds = time.perf_counter() - t0
         problems = problems_of(result, opts.problem_error, opts, alpha)
@@ -357,7 +365,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         mappings=[m.name for m in result.mappings], activations=opts.activations, chunks=n_chunks,
         tokens=n_chunks * opts.ctx, layers=rows, problems=problems, kept=kept, bytes=nbytes,
         seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,
-        resumed_layers=calibration.resumed_layers, warnings=warnings)
+        resumed_layers=resumed, warnings=warnings)
 
 
 def _write_gguf(opts: SmoothOptions, smoothed: Any, meta: dict[str, Any], kept: list[str], ckpt: Path,

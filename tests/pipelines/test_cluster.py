@@ -47,15 +47,55 @@ class _Task:
         return (self.fn, args)
 
 
+class _FakeActor:
+    """An actor in this process: each method call runs at once; once `cluster.kill_at` calls have
+    been made, the actor dies (that call and every later one answers cluster.LOST)."""
+
+    def __init__(self, fake, obj):
+        self.fake, self.obj, self.dead = fake, obj, False
+
+    def __getattr__(self, method):
+        actor = self
+
+        class _Method:
+            @staticmethod
+            def remote(*args):
+                actor.fake.calls += 1
+                if actor.fake.calls == actor.fake.kill_at:
+                    actor.dead = True
+                    actor.fake.killed += 1
+                if actor.dead:
+                    return cluster.LOST
+                return getattr(actor.obj, method)(*args)
+
+        return _Method
+
+
 class FakeCluster:
     """Runs each window of tasks in this process in reverse order, yielding results in submission
-    order: what a cluster whose workers finish in any order gives the coordinator."""
+    order: what a cluster whose workers finish in any order gives the coordinator. Actors run in
+    this process too; `kill_at` makes the actor receiving that call die."""
 
     workers = 3
     node_cpus = 2
 
     def __init__(self):
         self.ran = 0
+        self.calls, self.kill_at, self.killed, self.actors = 0, None, 0, 0
+
+    def actor_class(self, cls, **options):
+        fake = self
+
+        class _Class:
+            @staticmethod
+            def remote(*args):
+                fake.actors += 1
+                return _FakeActor(fake, cls(*args))
+
+        return _Class
+
+    def results(self, refs):
+        return list(refs)
 
     def remote(self, fn, **options):
         return _Task(fn)
@@ -141,6 +181,76 @@ def test_imatrix_blocks_through_a_cluster_give_the_local_file(model, tmp_path, f
     res = _cli("imatrix", model, "-o", remote, *args, "--ray")
     assert res.exit_code == 0, res.output
     assert fake.ran == 3
+    assert local.read_bytes() == remote.read_bytes()
+
+
+SMOOTH_CASES = {  # the per-mapping search, the static block search (its chunks' inputs come from shard 0)
+    "auto-token": ["--alpha", "auto", "--mappings", "all", "--activations", "dynamic"],
+    "auto-static": ["--alpha", "auto", "--mappings", "all", "--activations", "static"],
+}
+SMOOTH_ARGS = ["--ctx", "64", "--chunks", "7", "-q", "--json", "--scales-out"]
+
+
+def _smooth(model: Path, out: Path, *args) -> dict:
+    import json
+
+    res = _cli("smooth", model, "-o", out, "--calib", EXODUS, *SMOOTH_ARGS, out.with_suffix(".json"), *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("case", sorted(SMOOTH_CASES))
+def test_smooth_shards_through_a_cluster_give_the_local_file(model, tmp_path, fake, monkeypatch, case):
+    """7 chunks in 3 shards (one BLAS thread each): merged in chunk order, the shards' maxima and
+    rows give the local run's alphas, scales and GGUF, byte for byte."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    a = _smooth(model, local, *SMOOTH_CASES[case])
+    b = _smooth(model, remote, *SMOOTH_CASES[case], "--ray")
+    assert fake.actors == 3
+    assert a["alphas"] == b["alphas"] and a["layers"] == b["layers"]
+    assert local.read_bytes() == remote.read_bytes()
+    assert local.with_suffix(".json").read_bytes() == remote.with_suffix(".json").read_bytes()
+
+
+def test_a_smooth_shard_whose_worker_dies_is_replayed(model, tmp_path, fake, monkeypatch):
+    """The actor of a shard dies at its 8th call (layer 1): a new one replays layer 0 with the
+    scales chosen for it and the run ends with the local file."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    _smooth(model, local, "--alpha", "0.5")
+    fake.kill_at = 8
+    _smooth(model, remote, "--alpha", "0.5", "--ray")
+    assert fake.killed == 1 and fake.actors == 4
+    assert local.read_bytes() == remote.read_bytes()
+
+
+def test_a_smooth_coordinator_that_dies_resumes_from_its_layers(model, tmp_path, fake, monkeypatch):
+    """Stopped while deciding layer 2, the run keeps layers 0 and 1; the next run replays them on
+    new shards instead of deciding them again, and writes the local file."""
+    from quantcli.calibrate.smooth import SmoothObserver
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    _smooth(model, local, "--alpha", "auto")
+    real = SmoothObserver.decide
+    decided = []
+
+    def dying(self, il, weights, inputs):
+        if il == 2 and not decided.count("stopped"):
+            decided.append("stopped")
+            raise KeyboardInterrupt
+        decided.append(il)
+        return real(self, il, weights, inputs)
+
+    monkeypatch.setattr(SmoothObserver, "decide", dying)
+    res = _cli("smooth", model, "-o", remote, "--calib", EXODUS, "--alpha", "auto", *SMOOTH_ARGS[:-1], "--ray")
+    assert res.exit_code == 130 and not remote.exists()
+    summary = _smooth(model, remote, "--alpha", "auto", "--ray")
+    assert summary["resumed_layers"] == 2 and decided == [0, 1, "stopped", 2]
     assert local.read_bytes() == remote.read_bytes()
 
 
