@@ -186,45 +186,63 @@ class SensitivityObserver(Observer, name="sensitivity"):
 
     # -- per layer -----------------------------------------------------------------------------------
     def prepare_layer(self, il: int, weights: dict[str, np.ndarray], probe: Probe) -> None:
-        model = self.model
         shorts = [s for s in LINEARS if s in weights]
         names = {s: f"blk.{il}.{s}.weight" for s in shorts}
         if il == 0:
-            self._split_embedding()
+            self.streams_.update(self.embedding_streams())
             for a in self._act_types():
                 self.streams_[f"act|{a}"] = np.stack([probe.input(c) for c in range(probe.n_chunks)])
-        for key, s in self.streams_.items():  # carry every split-off stream through this layer
-            m = self._rounding(key[4:], {names[x]: weights[x].shape for x in shorts}) if key.startswith("act|") else model
-            for c in range(s.shape[0]):
-                s[c] = m.layer(il, weights, np.asarray(s[c]))
-        act = self._act_errors(weights, probe, names)
+        self.carry(il, weights, self.streams_)  # every split-off stream through this layer
+        act = self.act_errors(weights, probe, names)
         with ThreadPoolExecutor(self.threads) as pool:
             for short in shorts:
                 name = names[short]
-                w = weights[short]
-                imp = self._importance(name)
-                types = candidates_for(name, w.shape, self.candidates, imp is not None)
-                if not types:
-                    continue
-                self.tensors_[name] = TensorSensitivity(name, tuple(w.shape),
-                                                        error_table(w, types, imp, imp, pool),
-                                                        act.get(name, {}))
-                for ref in self._refs(name, w.shape, imp is not None):
-                    edited = dict(weights)
-                    edited[short] = quantize_dequantize(w, ref, imp)
-                    stream = np.empty((probe.n_chunks,) + probe.input(0).shape, np.float32)
-                    for c in range(probe.n_chunks):
-                        stream[c] = model.layer(il, edited, probe.input(c))
-                    self.streams_[f"{name}|{ref}"] = stream
-                acts = sorted({activation_type(t) for t in types} - FLOAT_ACTS)
-                for a in acts if len(acts) > 1 else ():  # a choice of roundings: each one measured
-                    m = copy.copy(model)
-                    m.act_quant = True
-                    m.act_types = {n: (a if n == name else "F32") for n in names.values()}
-                    stream = np.empty((probe.n_chunks,) + probe.input(0).shape, np.float32)
-                    for c in range(probe.n_chunks):
-                        stream[c] = m.layer(il, weights, probe.input(c))
-                    self.streams_[f"{name}|act:{a}"] = stream
+                found = self.measure_tensor(il, short, weights, probe, act.get(name, {}), self._importance(name), pool)
+                if found is not None:
+                    self.tensors_[name], streams = found
+                    self.streams_.update(streams)
+
+    def carry(self, il: int, weights: dict[str, np.ndarray], streams: dict[str, np.ndarray]) -> None:
+        """Move streams (key -> [n_chunks, ctx, n_embd], in place) through layer il: "act|A" ones
+        with the inputs rounded to A where a candidate would, the rest as the model computes."""
+        shapes = {f"blk.{il}.{x}.weight": weights[x].shape for x in LINEARS if x in weights}
+        for key, s in streams.items():
+            m = self._rounding(key[4:], shapes) if key.startswith("act|") else self.model
+            for c in range(s.shape[0]):
+                s[c] = m.layer(il, weights, np.asarray(s[c]))
+
+    def measure_tensor(self, il: int, short: str, weights: dict[str, np.ndarray], probe: Probe,
+                       act: dict[str, float], imp: np.ndarray | None,
+                       pool: ThreadPoolExecutor | None) -> tuple[TensorSensitivity, dict[str, np.ndarray]] | None:
+        """Linear `short` of layer il: its error table, and the streams that split off here (its
+        weights quantized to each reference; its inputs alone rounded to each activation type its
+        candidates bring, where they bring more than one), each already through layer il. None
+        when no candidate fits it."""
+        model = self.model
+        name = f"blk.{il}.{short}.weight"
+        w = weights[short]
+        types = candidates_for(name, w.shape, self.candidates, imp is not None)
+        if not types:
+            return None
+        found = TensorSensitivity(name, tuple(w.shape), error_table(w, types, imp, imp, pool), act)
+        streams: dict[str, np.ndarray] = {}
+        for ref in self._refs(name, w.shape, imp is not None):
+            edited = dict(weights)
+            edited[short] = quantize_dequantize(w, ref, imp)
+            stream = np.empty((probe.n_chunks,) + probe.input(0).shape, np.float32)
+            for c in range(probe.n_chunks):
+                stream[c] = model.layer(il, edited, probe.input(c))
+            streams[f"{name}|{ref}"] = stream
+        acts = sorted({activation_type(t) for t in types} - FLOAT_ACTS)
+        for a in acts if len(acts) > 1 else ():  # a choice of roundings: each one measured
+            m = copy.copy(model)
+            m.act_quant = True
+            m.act_types = {f"blk.{il}.{x}.weight": (a if x == short else "F32") for x in LINEARS if x in weights}
+            stream = np.empty((probe.n_chunks,) + probe.input(0).shape, np.float32)
+            for c in range(probe.n_chunks):
+                stream[c] = m.layer(il, weights, probe.input(c))
+            streams[f"{name}|act:{a}"] = stream
+        return found, streams
 
     def _act_types(self) -> list[str]:
         """The activation roundings the candidates bring (each measured by a stream of its own)."""
@@ -241,14 +259,17 @@ class SensitivityObserver(Observer, name="sensitivity"):
         m.act_types = {n: act if self._rounds(n, shape, act) else "F32" for n, shape in shapes.items()}
         return m
 
-    def _act_errors(self, weights: dict[str, np.ndarray], probe: Probe,
-                    names: dict[str, str]) -> dict[str, dict[str, float]]:
-        """mean ||(q(x) - x) W^T||^2 per linear and activation type of its candidates."""
+    def act_errors(self, weights: dict[str, np.ndarray], probe: Probe,
+                   names: dict[str, str]) -> dict[str, dict[str, float]]:
+        """mean ||(q(x) - x) W^T||^2 per linear (of `names`: short -> full name) and activation
+        type of its candidates, over one pass of the chunks through the layer."""
         by_name = {v: k for k, v in names.items()}
         sums: dict[str, dict[str, float]] = {}
         tokens: dict[str, int] = {}
 
         def hook(name: str, x: np.ndarray) -> None:
+            if name not in by_name:
+                return
             w = weights[by_name[name]]
             types = candidates_for(name, w.shape, self.candidates, True)
             d = sums.setdefault(name, {})
@@ -260,7 +281,7 @@ class SensitivityObserver(Observer, name="sensitivity"):
         probe(hook)
         return {name: {a: v / max(tokens[name], 1) for a, v in d.items()} for name, d in sums.items()}
 
-    def _split_embedding(self) -> None:
+    def embedding_streams(self) -> dict[str, np.ndarray]:
         """The token embedding quantized to each reference: a stream from the start (a tied
         output's rows are quantized again at the end)."""
         model = self.model
@@ -268,24 +289,31 @@ class SensitivityObserver(Observer, name="sensitivity"):
         name = "token_embd.weight"
         info = reader.tensors[name]
         cfg = model.config
+        streams = {}
         for ref in self._refs(name, info.shape, False):
             data = codecs.quantize(reader.load_f32(name, copy=False).reshape(info.shape[0], -1), ref, None)
             uniq, inverse = np.unique(self.chunks.reshape(-1), return_inverse=True)
             table = codecs.dequantize(data[uniq], ref, (len(uniq), info.shape[-1]))
             if cfg.embed_scale != 1.0:
                 table *= np.float32(cfg.embed_scale)
-            self.streams_[f"{name}|{ref}"] = table[inverse].reshape(self.chunks.shape + (cfg.n_embd,))
+            streams[f"{name}|{ref}"] = table[inverse].reshape(self.chunks.shape + (cfg.n_embd,))
+        return streams
 
     # -- the head ------------------------------------------------------------------------------------
     def end(self, model: Model, hidden: np.ndarray) -> None:
         pos = self.positions_
+        self.finish(model, hidden[:, pos], {k: s[:, pos] for k, s in self.streams_.items()})
+
+    def finish(self, model: Model, hidden: np.ndarray, streams_at: dict[str, np.ndarray]) -> None:
+        """The head's part, from the final hidden states at the scored positions, the clean ones
+        and each stream's ([n_chunks, n_positions, n_embd]): the output's error table and the
+        KL divergence of every stream."""
         E = model.config.n_embd
-        base = model.head_input(np.ascontiguousarray(hidden[:, pos]).reshape(-1, E))
+        base = model.head_input(np.ascontiguousarray(hidden).reshape(-1, E))
         head_name = model.output_name
         out_info = model.reader.tensors[head_name]
         head_imp = np.mean(base.astype(np.float64) ** 2, axis=0).astype(np.float32)
-        streams = {k: model.head_input(np.ascontiguousarray(s[:, pos]).reshape(-1, E))
-                   for k, s in self.streams_.items()}
+        streams = {k: model.head_input(np.ascontiguousarray(s).reshape(-1, E)) for k, s in streams_at.items()}
         for a in self._act_types():  # the head's input too, where its candidates round it
             if self._rounds(head_name, model.reader.tensors[head_name].shape, a):
                 streams[f"act|{a}"] = quantize_activations(streams[f"act|{a}"], a)

@@ -69,9 +69,11 @@ class Target:
 def measure(reader: Any, imatrix: imatrix_file.Imatrix | None, imatrix_sha256: str | None, calib: Path,
             candidates: tuple[str, ...], chunks: int, ctx: int, checkpoint_dir: Path | None,
             keep_checkpoints: bool, threads: int, progress: ProgressFn | None,
-            log: Callable[[str], None]) -> Measurement:
-    """The sensitivity analysis on `calib` (see calibrate/sensitivity.py)."""
-    from quantcli.calibrate.runner import RunOptions, model_fingerprint, run_calibration
+            log: Callable[[str], None], ray: str | None = None, source: Path | None = None,
+            lora: tuple = ()) -> Measurement:
+    """The sensitivity analysis on `calib` (see calibrate/sensitivity.py); with `ray` (a cluster
+    address) on a Ray cluster whose workers read `source` (and merge `lora`) themselves."""
+    from quantcli.calibrate.runner import RunOptions, make_chunks, model_fingerprint, run_calibration
     from quantcli.calibrate.sensitivity import SensitivityObserver
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
@@ -83,9 +85,15 @@ def measure(reader: Any, imatrix: imatrix_file.Imatrix | None, imatrix_sha256: s
     tokens = Tokenizer.from_model(reader).encode(text, add_special=True)
     obs = SensitivityObserver(candidates=candidates, imatrix=imatrix, imatrix_sha256=imatrix_sha256,
                               threads=threads)
-    run_calibration(model, tokens, RunOptions(ctx=ctx, chunks=chunks, checkpoint_dir=checkpoint_dir,
-                                              keep_checkpoints=keep_checkpoints, kind="sensitivity"),
-                    [obs], progress, log)
+    options = RunOptions(ctx=ctx, chunks=chunks, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
+                         kind="sensitivity")
+    if ray is not None:
+        from quantcli.pipelines import cluster
+
+        cluster.sensitivity(Path(source or reader.path), model, make_chunks(model, tokens, options), obs,
+                            checkpoint_dir, ray, progress, log, lora, keep_checkpoints)
+    else:
+        run_calibration(model, tokens, options, [obs], progress, log)
     tensors = {n: allocate.TensorMeasurement(t.name, t.shape, t.errors, t.act_errors, t.kld, t.act_kld)
                for n, t in obs.result().items()}
     return Measurement(

@@ -14,6 +14,7 @@ Ray is an optional dependency (`pip install 'quantcli[ray]'`); it is imported he
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections import deque
@@ -87,6 +88,10 @@ class Cluster:
         except self.ray.exceptions.WorkerCrashedError:
             raise QuantcliError(f"a Ray worker died {TASK_RETRIES + 1} times running one task; "
                                 "giving up (see the Ray logs)") from None
+
+    def put(self, value: Any) -> Any:
+        """`value` in the object store once, for many tasks to take as an argument."""
+        return self.ray.put(value)
 
     def actor_class(self, cls: type, **options: Any) -> Any:
         """`cls` as a Ray actor class (`.remote(*args)` starts one). A dead actor is not restarted
@@ -183,6 +188,11 @@ def worker_reader(source: str, lora: tuple) -> Any:
     return _READERS[key]
 
 
+def _adapters_key(lora: tuple) -> list:
+    """What a checkpoint key records of the adapters merged: path, scale and the head digest."""
+    return [[str(a.path), a.scale, _head_digest(str(a.path))] for a in lora]
+
+
 # -- quantize ------------------------------------------------------------------------------------
 
 
@@ -207,24 +217,26 @@ def blas_threads() -> int:
     return os.cpu_count() or 1
 
 
-def imatrix_block_task(source: str, chunks: Any, ctx: int, process_output: bool, kv_f16: bool,
+def imatrix_block_task(source: str, lora: tuple, chunks: Any, ctx: int, process_output: bool, kv_f16: bool,
                        act_quant: bool) -> dict:
     """One block of chunks through the whole model on a worker: its imatrix sums and counts."""
     from quantcli.calibrate.imatrix import MIN_ROWS, ImatrixObserver
     from quantcli.calibrate.runner import RunOptions, run_calibration
     from quantcli.engine.model import Model
 
-    model = Model(worker_reader(source, ()), kv_f16=kv_f16, act_quant=act_quant)
+    model = Model(worker_reader(source, lora), kv_f16=kv_f16, act_quant=act_quant)
     observer = ImatrixObserver(process_output=process_output)
     run_calibration(model, chunks, RunOptions(ctx=ctx, min_ctx=MIN_ROWS, kind="imatrix"), [observer])
     return observer.result().arrays()
 
 
 def imatrix(source: Path, text: str, options: Any, address: str, progress: Any = None,
-            log: Callable[[str], None] | None = None) -> Any:
+            log: Callable[[str], None] | None = None, lora: tuple = (), reader: Any = None) -> Any:
     """`calibrate.imatrix.compute` on a Ray cluster: the chunks in blocks of REDUCTION_BLOCK, one
     task each (the layer-sequential pass over its chunks), the blocks' sums added in block order
-    on this process, exactly as a local run adds them. Finished blocks are checkpointed here."""
+    on this process, exactly as a local run adds them. Finished blocks are checkpointed here.
+    `lora`: AdapterSpecs the workers merge into the model (on storage they see too); `reader`:
+    this process's view of that model, when it has one open (else the input is opened here)."""
     import time
 
     from quantcli.calibrate import imatrix as calib
@@ -233,7 +245,6 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
     from quantcli.checkpoint import CheckpointStore
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
-    from quantcli.formats import open_model
     from quantcli.progress import Progress, progress_or_noop
 
     if options.compute_ppl or options.super_weights:
@@ -241,7 +252,11 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
     report, log = progress_or_noop(progress), log or (lambda _m: None)
     t0 = time.perf_counter()
     loaded = [imf.load(p) for p in options.in_files]
-    with open_model(source) as reader:
+    with contextlib.ExitStack() as stack:
+        if reader is None:  # what the workers open: the input as a GGUF-shaped model
+            from quantcli.pipelines.common import open_source
+
+            reader = stack.enter_context(open_source(Path(source), log))
         model = Model(reader, kv_f16=options.kv_f16, act_quant=options.act_quant)
         tokens = Tokenizer.from_model(reader).encode(text, add_special=True, parse_special=options.parse_special)
         chunks = make_chunks(model, tokens, RunOptions(ctx=options.ctx, chunks=options.chunks,
@@ -251,7 +266,7 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
                "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
                "options": {"ctx": options.ctx, "process_output": options.process_output, "kv_f16": options.kv_f16,
                            "act_quant": options.act_quant, "block": calib.REDUCTION_BLOCK, "blas_threads": threads},
-               **versions()}
+               "lora": _adapters_key(lora), **versions()}
     store = CheckpointStore(options.checkpoint_dir, key, log) if options.checkpoint_dir is not None else None
     blocks = [chunks[i:i + calib.REDUCTION_BLOCK] for i in range(0, len(chunks), calib.REDUCTION_BLOCK)]
     saved = {b for b in range(len(blocks)) if store is not None and store.get(f"block-{b}") is not None}
@@ -259,13 +274,13 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
         log(f"resuming {len(saved)} of {len(blocks)} blocks from {store.dir}")  # type: ignore[union-attr]
     cluster = connect(address)
     try:
-        check_inputs(cluster, [Path(source)])
+        check_inputs(cluster, [Path(source)] + [Path(a.path) for a in lora])
         env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
         task = cluster.remote(imatrix_block_task, num_cpus=min(threads, cluster.node_cpus),
                               runtime_env={"env_vars": env})
         name = str(Path(source).resolve())
         todo = [b for b in range(len(blocks)) if b not in saved]
-        results = cluster.map_ordered(task, ((name, blocks[b], options.ctx, options.process_output, options.kv_f16,
+        results = cluster.map_ordered(task, ((name, tuple(lora), blocks[b], options.ctx, options.process_output, options.kv_f16,
                                               options.act_quant) for b in todo))
         total = calib.Collector()
         for b in range(len(blocks)):
@@ -436,3 +451,142 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
     finally:
         cluster.close()
     return start
+
+
+# -- sensitivity (automatic mixes) -------------------------------------------------------------------
+
+
+def sensitivity_task(source: str, lora: tuple, chunks: Any, options: dict, kind: str, il: int, short: str,
+                     inputs: Any, imp: Any) -> tuple[Any, dict]:
+    """One piece of the sensitivity measurement on a worker, carried to the head: the quantized
+    embedding's streams (kind "embd"), the stream with every input rounded to activation type
+    `short` ("act"), or linear `short` of layer il ("tensor": its error table, activation errors
+    and streams, from the layer's clean `inputs` [n_chunks, ctx, n_embd]). Returns its
+    TensorSensitivity (or None) and its streams at the scored positions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from quantcli.calibrate.runner import Probe
+    from quantcli.calibrate.sensitivity import SensitivityObserver
+    from quantcli.engine.model import Model
+
+    model = Model(worker_reader(source, lora), act_quant=False)
+    observer = SensitivityObserver(**options)
+    observer.begin(model, chunks)
+    found = None
+    if kind == "embd":
+        streams, first = observer.embedding_streams(), 0
+    elif kind == "act":
+        streams, first = {f"act|{short}": model.embed(chunks)}, 0
+    else:
+        weights = model.layer_weights(il)
+        probe = Probe(model, il, weights, inputs)
+        name = f"blk.{il}.{short}.weight"
+        act = observer.act_errors(weights, probe, {short: name})
+        with ThreadPoolExecutor(observer.threads) as pool:
+            measured = observer.measure_tensor(il, short, weights, probe, act.get(name, {}), imp, pool)
+        del weights, probe
+        if measured is None:
+            return None, {}
+        (found, streams), first = measured, il + 1
+    for j in range(first, model.config.n_layer):
+        observer.carry(j, model.layer_weights(j), streams)
+    pos = observer.positions_
+    return found, {k: np.ascontiguousarray(s[:, pos]) for k, s in streams.items()}
+
+
+def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir: Path | None,
+                address: str, progress: Any = None, log: Callable[[str], None] | None = None,
+                lora: tuple = (), keep_checkpoints: bool = False) -> None:
+    """The sensitivity measurement (calibrate/sensitivity.py) on a Ray cluster, into `observer` (a
+    SensitivityObserver, begun here). This process runs the clean pass and hands each layer's
+    inputs to one task per linear, which measures it and carries its streams to the head (and one
+    task each for the embedding's streams and every activation rounding's); the head's part runs
+    here on what they return. Tasks are sent and taken back in the local run's order, each
+    computing what the local run computes for it, so the measurement is the local one for any
+    number of workers. Finished tasks are checkpointed here."""
+    import numpy as np
+
+    from quantcli.calibrate.runner import model_fingerprint, npz_bytes, read_npz, versions
+    from quantcli.calibrate.sensitivity import _pack, _unpack
+    from quantcli.checkpoint import CheckpointStore
+    from quantcli.engine.model import LINEARS
+    from quantcli.progress import Progress, progress_or_noop
+
+    report, log = progress_or_noop(progress), log or (lambda _m: None)
+    threads = blas_threads()
+    cfg = model.config
+    observer.begin(model, chunks)
+    store = None
+    if checkpoint_dir is not None:
+        key = {"kind": "sensitivity-ray", "model": model_fingerprint(model.reader),
+               "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
+               "options": {"ctx": int(chunks.shape[1]), "blas_threads": threads}, "observers": [observer.key()],
+               "lora": _adapters_key(lora), **versions()}
+        store = CheckpointStore(checkpoint_dir, key, log)
+    pieces = [("embd", 0, "")] + [("act", 0, a) for a in observer._act_types()]
+    pieces += [("tensor", il, short) for il in range(cfg.n_layer) for short in LINEARS
+               if f"blk.{il}.{short}.weight" in model.reader.tensors]
+    unit = {p: "-".join(map(str, p)) for p in pieces}
+    saved = {p for p in pieces if store is not None and store.get(unit[p]) is not None}
+    if saved:
+        log(f"resuming {len(saved)} of {len(pieces)} pieces from {store.dir}")  # type: ignore[union-attr]
+    hidden = model.embed(chunks)
+
+    cluster = connect(address)
+    try:
+        check_inputs(cluster, [Path(source)] + [Path(a.path) for a in lora])
+        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        cpus = min(threads, cluster.node_cpus)
+        task = cluster.remote(sensitivity_task, num_cpus=cpus, runtime_env={"env_vars": env})
+        options = dict(candidates=observer.candidates, references=observer.references,
+                       positions=observer.n_positions, threads=cpus, vocab_slice=observer.vocab_slice,
+                       top_k=observer.top_k)
+        name = str(Path(source).resolve())
+        shared_chunks = cluster.put(chunks)
+
+        def calls() -> Iterator[tuple]:
+            """The pieces' task arguments in order, with the clean pass run a layer at a time as
+            the tasks need its inputs (and to the end: `hidden` is the final states after it)."""
+            for kind, il, short in pieces:
+                if kind != "tensor" and (kind, il, short) not in saved:
+                    yield (name, lora, shared_chunks, options, kind, il, short, None, None)
+            for il in range(cfg.n_layer):
+                todo = [p for p in pieces if p[0] == "tensor" and p[1] == il and p not in saved]
+                inputs = cluster.put(hidden.copy()) if todo else None
+                for _, _, short in todo:
+                    yield (name, lora, shared_chunks, options, "tensor", il, short, inputs,
+                           observer._importance(f"blk.{il}.{short}.weight"))
+                w = model.layer_weights(il)
+                for c in range(len(hidden)):
+                    hidden[c] = model.layer(il, w, hidden[c])
+                del w
+
+        results = cluster.map_ordered(task, calls())
+        streams: dict[str, np.ndarray] = {}
+        for i, p in enumerate(pieces):
+            if p in saved:
+                data = read_npz(store.get(unit[p]))  # type: ignore[union-attr,arg-type]
+                found = _unpack(str(data.pop("tensor")[0])) if "tensor" in data else None
+                order = [str(k) for k in data.pop("order")]
+                got = {k: data[f"s{j}"] for j, k in enumerate(order)}
+            else:
+                found, got = next(results)
+                if store is not None:
+                    arrays = {f"s{j}": v for j, v in enumerate(got.values())}
+                    if found is not None:
+                        arrays["tensor"] = np.array([_pack(found)])
+                    with store.put(unit[p]) as fh:
+                        fh.write(npz_bytes(order=np.array(list(got), dtype=str), **arrays))
+            if found is not None:
+                observer.tensors_[found.name] = found
+            streams.update(got)
+            report(Progress("tensor", i + 1, len(pieces), unit[p]))
+        if next(results, None) is not None:  # drains the calls: the clean pass to its end
+            raise AssertionError("more sensitivity results than pieces")
+    finally:
+        cluster.close()
+    observer.finish(model, hidden[:, observer.positions_], streams)
+    if store is not None and not keep_checkpoints:
+        store.remove()

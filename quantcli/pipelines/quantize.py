@@ -540,9 +540,15 @@ def _computed_imatrix(job: "_Run"):
     opts = job.opts
     ckpt = (opts.checkpoint_dir or checkpoint.default_dir(opts.output)) / "imatrix"
     text = read_text(opts.calib)
-    result = calib.compute(job.reader, text, calib.ImatrixOptions(
-        ctx=opts.ctx, chunks=opts.calib_chunks, dataset=str(opts.calib), checkpoint_dir=ckpt,
-        keep_checkpoints=True), job.step, job.warn)
+    options = calib.ImatrixOptions(ctx=opts.ctx, chunks=opts.calib_chunks, dataset=str(opts.calib),
+                                   checkpoint_dir=ckpt, keep_checkpoints=True)
+    if opts.ray is not None:
+        from quantcli.pipelines import cluster
+
+        result = cluster.imatrix(Path(opts.input), text, options, opts.ray, job.step, job.warn, tuple(opts.lora),
+                                 job.reader)
+    else:
+        result = calib.compute(job.reader, text, options, job.step, job.warn)
     job.cleanup.append(ckpt)
     digest = hashlib.sha256(repr(sorted((k, v.sums.tobytes(), v.counts.tobytes())
                                         for k, v in result.imatrix.entries.items())).encode()).hexdigest()
@@ -556,7 +562,8 @@ def _measure(job: "_Run", imatrix, imatrix_sha: str | None):
     ckpt = (opts.checkpoint_dir or checkpoint.default_dir(opts.output)) / "sensitivity"
     candidates = check_candidates(opts.candidates) if opts.candidates else DEFAULT_CANDIDATES
     m = allocation.measure(job.reader, imatrix, imatrix_sha, opts.calib, candidates, opts.sensitivity_chunks,
-                           opts.ctx, ckpt, opts.keep_checkpoints, opts.threads, job.step, job.warn)
+                           opts.ctx, ckpt, opts.keep_checkpoints, opts.threads, job.step, job.warn,
+                           ray=opts.ray, source=Path(opts.input), lora=tuple(opts.lora))
     if opts.measurement is not None:
         allocation.save_measurement(m, opts.measurement)
     else:

@@ -97,6 +97,9 @@ class FakeCluster:
     def results(self, refs):
         return list(refs)
 
+    def put(self, value):
+        return value
+
     def remote(self, fn, **options):
         return _Task(fn)
 
@@ -254,6 +257,66 @@ def test_a_smooth_coordinator_that_dies_resumes_from_its_layers(model, tmp_path,
     assert local.read_bytes() == remote.read_bytes()
 
 
+ALLOC_ARGS = ["--target-bpw", "6", "--ctx", "64", "--calib-chunks", "4", "--sensitivity-chunks", "3",
+              "--candidates", "Q2_K,Q4_K,Q6_K,Q4_0,Q8_0,F16", "--dry-run", "--json"]
+
+
+def _measurement(path: Path) -> dict:
+    import json
+
+    doc = json.loads(path.read_text())
+    doc.pop("seconds")
+    return doc
+
+
+@pytest.fixture
+def alloc_model(tmp_path) -> Path:
+    return write_model(tmp_path / "a.gguf", "llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+
+
+def test_sensitivity_pieces_through_a_cluster_give_the_local_measurement(alloc_model, tmp_path, fake):
+    """The imatrix of --calib and the sensitivity measurement with --ray: one task per linear (and
+    for the embedding's and each rounding's streams), taken back in order, give the local run's
+    measurement to the last digit, and the same mix."""
+    import json
+
+    local, remote = tmp_path / "local.json", tmp_path / "ray.json"
+    a = _cli("quantize", alloc_model, tmp_path / "l.gguf", "--calib", EXODUS, "--measurement", local, *ALLOC_ARGS)
+    assert a.exit_code == 0, a.output
+    b = _cli("quantize", alloc_model, tmp_path / "r.gguf", "--calib", EXODUS, "--measurement", remote, *ALLOC_ARGS,
+             "--ray")
+    assert b.exit_code == 0, b.output
+    assert fake.ran == 1 + 1 + 2 + 3 * 7  # the imatrix's one block; embedding, Q8_0 and Q8_K streams; linears
+    assert _measurement(local) == _measurement(remote)
+    assert json.loads(a.stdout)["tensors"] == json.loads(b.stdout)["tensors"]
+
+
+def test_a_sensitivity_coordinator_that_dies_resumes_from_its_pieces(alloc_model, tmp_path, fake, monkeypatch):
+    """Stopped at its 14th task, the measurement keeps the pieces taken back before; the next run
+    sends only the rest and gives the measurement of an uninterrupted run."""
+    full = tmp_path / "full.json"
+    assert _cli("quantize", alloc_model, tmp_path / "f.gguf", "--calib", EXODUS, "--measurement", full,
+                *ALLOC_ARGS, "--ray").exit_code == 0
+    real, calls = cluster.sensitivity_task, {"n": 0}
+
+    def dying(*args):
+        calls["n"] += 1
+        if calls["n"] == 14:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(cluster, "sensitivity_task", dying)
+    out, meas = tmp_path / "o.gguf", tmp_path / "m.json"
+    res = _cli("quantize", alloc_model, out, "--calib", EXODUS, "--measurement", meas, *ALLOC_ARGS, "--ray")
+    assert res.exit_code == 130 and not meas.exists()
+    monkeypatch.setattr(cluster, "sensitivity_task", real)
+    before = fake.ran
+    res = _cli("quantize", alloc_model, out, "--calib", EXODUS, "--measurement", meas, *ALLOC_ARGS, "--ray")
+    assert res.exit_code == 0, res.output
+    assert fake.ran - before < 25 - 8  # the pieces of the batches finished before the stop are not sent again
+    assert _measurement(meas) == _measurement(full)
+
+
 def test_without_ray_the_flag_names_the_extra(model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     res = _cli("quantize", model, tmp_path / "o.gguf", "--type", "Q8_0", "--ray")
@@ -334,13 +397,14 @@ def test_ray_worker_killed_mid_run(ray_cluster, real_f32, tmp_path, monkeypatch)
     assert _tensor_sha(local) == _tensor_sha(remote)
 
 
-def _local_one_thread(model: Path, out: Path, args: list) -> None:
-    """`quantcli imatrix` in a child process with one BLAS thread: the reference for a cluster whose
-    workers run one each."""
+def _local_one_thread(*args) -> str:
+    """`quantcli ARGS` in a child process with one BLAS thread (the reference for a cluster whose
+    workers run one each); its stdout."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "quantcli", "imatrix", str(model), "-o", str(out), *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "quantcli", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def _in_background(*args) -> tuple[threading.Thread, dict]:
@@ -357,7 +421,7 @@ def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, monkeyp
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
     args = ["-f", EXODUS, "--chunks", "40", "--ctx", "64", "-q"]
-    _local_one_thread(model, local, args)
+    _local_one_thread("imatrix", model, "-o", local, *args)
     res = _cli("imatrix", model, "-o", remote, *args, "--ray")
     assert res.exit_code == 0, res.output
     assert local.read_bytes() == remote.read_bytes()
@@ -390,7 +454,7 @@ def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
     text.write_text(EXODUS.read_text() * 3)
     local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
     args = ["-f", text, "--chunks", "320", "--ctx", "64", "-q"]
-    _local_one_thread(model, local, args)
+    _local_one_thread("imatrix", model, "-o", local, *args)
     t, result = _in_background("imatrix", model, "-o", remote, *args, "--ray")
     first = tmp_path / "ray.imatrix.checkpoints" / "unit-block-0.bin"
     deadline = time.time() + 300
@@ -401,3 +465,54 @@ def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
     assert killed >= 1, "no worker was running a block when the test looked"
     assert result["res"].exit_code == 0, result["res"].output
     assert local.read_bytes() == remote.read_bytes()
+
+
+def test_ray_smooth_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
+    """smooth --ray (alpha auto, static block search) on 2 workers, one BLAS thread each, writes
+    the file and scales of a local run with one BLAS thread, byte for byte."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    args = ["--calib", EXODUS, *SMOOTH_ARGS]
+    _local_one_thread("smooth", model, "-o", local, *args, local.with_suffix(".json"), *SMOOTH_CASES["auto-static"])
+    _smooth(model, remote, *SMOOTH_CASES["auto-static"], "--ray")
+    assert local.read_bytes() == remote.read_bytes()
+    assert local.with_suffix(".json").read_bytes() == remote.with_suffix(".json").read_bytes()
+
+
+def test_ray_smooth_shard_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
+    """SIGKILL the actors holding shards while smooth --ray runs: new ones replay the layers passed
+    and the file still equals the local run's."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model = write_model(tmp_path / "m.gguf", "llama", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
+                        tied=False)
+    local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
+    args = ["--calib", EXODUS, "--ctx", "64", "--chunks", "12", "--alpha", "auto", "--mappings", "all", "-q"]
+    _local_one_thread("smooth", model, "-o", local, *args)
+    t, result = _in_background("smooth", model, "-o", remote, *args, "--ray")
+    first = tmp_path / "ray.gguf.checkpoints" / "calibration" / "unit-stats-0.bin"
+    deadline = time.time() + 300
+    while time.time() < deadline and not first.exists() and t.is_alive():
+        time.sleep(0.02)
+    killed = _kill_busy("SmoothShard", t)
+    t.join(600)
+    assert killed >= 1, "no shard actor was alive when the test looked"
+    assert result["res"].exit_code == 0, result["res"].output
+    assert local.read_bytes() == remote.read_bytes()
+
+
+def test_ray_sensitivity_equals_the_local_measurement(ray_cluster, tmp_path, monkeypatch):
+    """The automatic mix's analysis (imatrix and sensitivity) with --ray on 2 workers equals the
+    local run's with one BLAS thread, and so does the mix chosen from it."""
+    import json
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    model = write_model(tmp_path / "a.gguf", "llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
+    local, remote = tmp_path / "local.json", tmp_path / "ray.json"
+    a = _local_one_thread("quantize", model, tmp_path / "l.gguf", "--calib", EXODUS, "--measurement", local,
+                          *ALLOC_ARGS)
+    b = _cli("quantize", model, tmp_path / "r.gguf", "--calib", EXODUS, "--measurement", remote, *ALLOC_ARGS, "--ray")
+    assert b.exit_code == 0, b.output
+    assert _measurement(local) == _measurement(remote)
+    assert json.loads(a)["tensors"] == json.loads(b.stdout)["tensors"]
