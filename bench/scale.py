@@ -2,6 +2,7 @@
 
     python bench/scale.py memory  [--dir D] [--layers 2]   # 70B-shaped layers: peak RSS of quantize, imatrix
     python bench/scale.py sc004   [--dir D] [--chunks 2]   # 7B-shaped layers: tokens/s, projected imatrix time
+    python bench/scale.py ray --model F32.gguf --calib T [--imatrix I]   # local vs --ray: same results?
 
 `memory` writes a synthetic GGUF with Llama-3-70B's shapes (hidden 8192, FFN 28672, 64 heads / 8 KV
 heads of 128, vocabulary 128256, tied embedding) and `--layers` blocks at full width, F16, streamed
@@ -14,6 +15,12 @@ child that only imports quantcli and opens the file. The budgets it checks:
   slice's output buffers; the 5.5 GB input is read with pread and never mapped resident;
 - imatrix: the baseline + one layer's weights as float32 (what the engine multiplies by) + that
   layer's stored bytes (the page cache mapped while they are decoded) + the hidden states.
+
+`ray` runs calibration on a real model (e.g. the F32 base of Gemma 3 270M) twice, each in a child
+process with one BLAS thread: locally, and with `--ray` on a cluster of `--workers` started on this
+machine (one BLAS thread per worker): `smooth` (GGUF bytes and scales JSON compared) and the
+automatic mix's analysis (`quantize --target-size S --dry-run --measurement M`, the measurement
+JSON compared without its `seconds`). It prints wall times and whether the results are equal.
 
 `sc004` writes Llama-2-7B-shaped layers (hidden 4096, FFN 11008, 32 heads, vocabulary 32000),
 times the layer-sequential pass of `imatrix` over `--chunks` chunks of 512 tokens (median of 3,
@@ -186,15 +193,74 @@ def sc004(args: argparse.Namespace) -> None:
         print(f"| {n} | {seconds / 3600:.1f} | {'met' if seconds <= 1800 else 'not met'} |")
 
 
+def ray(args: argparse.Namespace) -> None:
+    import hashlib
+
+    if not args.model or not args.calib:
+        raise SystemExit("ray: give --model and --calib")
+    work = Path(args.dir or tempfile.mkdtemp(prefix="quantcli-ray-"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "SOURCE_DATE_EPOCH": "1700000000"}
+    qc = [sys.executable, "-m", "quantcli"]
+
+    def timed(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd[2:5])} failed: {proc.stderr[-2000:]}")
+        return time.perf_counter() - t0
+
+    def measurement(path: Path) -> dict:
+        doc = json.loads(path.read_text())
+        doc.pop("seconds")
+        return doc
+
+    import ray as ray_lib  # a cluster of --workers for the --ray runs, found through RAY_ADDRESS
+
+    ctx = ray_lib.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    env["RAY_ADDRESS"] = ctx.address_info["address"]
+    try:
+        print("| run | local s | --ray s | equal |\n|---|---:|---:|---|")
+        smooth = ["smooth", args.model, "--calib", args.calib, "--chunks", str(args.chunks), "--alpha",
+                  args.alpha, "--mappings", "all", "--activations", "static", "-q"]
+        times = []
+        for tag, extra in (("local", []), ("ray", ["--ray"])):
+            out = work / f"smooth-{tag}.gguf"
+            times.append(timed(qc + smooth + ["-o", str(out), "--scales-out", str(out.with_suffix(".json")),
+                                             "--force"] + extra))
+        same = all(hashlib.sha256((work / f"smooth-local{s}").read_bytes()).digest()
+                   == hashlib.sha256((work / f"smooth-ray{s}").read_bytes()).digest() for s in (".gguf", ".json"))
+        print(f"| smooth, alpha {args.alpha}, all mappings, static, {args.chunks} chunks | {times[0]:.0f} | "
+              f"{times[1]:.0f} | {'yes' if same else 'NO'} |")
+        alloc = ["quantize", args.model, str(work / "mix.gguf"), "--target-size", args.target_size, "--calib",
+                 args.calib, "--dry-run", "-q"] + (["--imatrix", args.imatrix] if args.imatrix else [])
+        times = []
+        for tag, extra in (("local", []), ("ray", ["--ray"])):
+            m = work / f"measurement-{tag}.json"
+            m.unlink(missing_ok=True)
+            times.append(timed(qc + alloc + ["--measurement", str(m)] + extra))
+        same = measurement(work / "measurement-local.json") == measurement(work / "measurement-ray.json")
+        print(f"| automatic-mix analysis (imatrix {'given' if args.imatrix else 'from --calib'}, sensitivity) | "
+              f"{times[0]:.0f} | {times[1]:.0f} | {'yes' if same else 'NO'} |")
+    finally:
+        ray_lib.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("memory", "sc004"))
+    ap.add_argument("what", choices=("memory", "sc004", "ray"))
     ap.add_argument("--dir", help="where the synthetic models go (kept; default: a new temporary folder)")
     ap.add_argument("--layers", type=int, default=2, help="memory: full-width blocks in the 70B-shaped file")
     ap.add_argument("--chunks", type=int, default=1, help="chunks of 512 tokens per measured run")
     ap.add_argument("--read-gbps", type=float, default=1.0, help="sc004: shared-storage read speed per worker")
+    ap.add_argument("--model", help="ray: the model both runs read")
+    ap.add_argument("--calib", help="ray: the calibration text")
+    ap.add_argument("--imatrix", help="ray: the automatic mix's imatrix (default: computed from --calib)")
+    ap.add_argument("--target-size", default="240MB", help="ray: the automatic mix's target")
+    ap.add_argument("--alpha", default="0.8", help="ray: smooth's alpha")
+    ap.add_argument("--workers", type=int, default=2, help="ray: workers of the local cluster")
     args = ap.parse_args()
-    memory(args) if args.what == "memory" else sc004(args)
+    {"memory": memory, "sc004": sc004, "ray": ray}[args.what](args)
 
 
 if __name__ == "__main__":
