@@ -17,8 +17,8 @@ child that only imports quantcli and opens the file. The budgets it checks:
   layer's stored bytes (the page cache mapped while they are decoded) + the hidden states.
 
 `ray` runs calibration on a real model (e.g. the F32 base of Gemma 3 270M) twice, each in a child
-process with one BLAS thread: locally, and with `--ray` on a cluster of `--workers` started on this
-machine (one BLAS thread per worker): `smooth` (GGUF bytes and scales JSON compared) and the
+process with one BLAS thread: locally, and with `--ray` on a local cluster the run starts with this
+machine's cores (one BLAS thread, so one CPU, per worker): `smooth` (GGUF bytes and scales JSON compared) and the
 automatic mix's analysis (`quantize --target-size S --dry-run --measurement M`, the measurement
 JSON compared without its `seconds`). It prints wall times and whether the results are equal.
 
@@ -215,35 +215,29 @@ def ray(args: argparse.Namespace) -> None:
         doc.pop("seconds")
         return doc
 
-    import ray as ray_lib  # a cluster of --workers for the --ray runs, found through RAY_ADDRESS
-
-    ctx = ray_lib.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
-    env["RAY_ADDRESS"] = ctx.address_info["address"]
-    try:
-        print("| run | local s | --ray s | equal |\n|---|---:|---:|---|")
-        smooth = ["smooth", args.model, "--calib", args.calib, "--chunks", str(args.chunks), "--alpha",
-                  args.alpha, "--mappings", "all", "--activations", "static", "-q"]
-        times = []
-        for tag, extra in (("local", []), ("ray", ["--ray"])):
-            out = work / f"smooth-{tag}.gguf"
-            times.append(timed(qc + smooth + ["-o", str(out), "--scales-out", str(out.with_suffix(".json")),
-                                             "--force"] + extra))
-        same = all(hashlib.sha256((work / f"smooth-local{s}").read_bytes()).digest()
-                   == hashlib.sha256((work / f"smooth-ray{s}").read_bytes()).digest() for s in (".gguf", ".json"))
-        print(f"| smooth, alpha {args.alpha}, all mappings, static, {args.chunks} chunks | {times[0]:.0f} | "
-              f"{times[1]:.0f} | {'yes' if same else 'NO'} |")
-        alloc = ["quantize", args.model, str(work / "mix.gguf"), "--target-size", args.target_size, "--calib",
-                 args.calib, "--dry-run", "-q"] + (["--imatrix", args.imatrix] if args.imatrix else [])
-        times = []
-        for tag, extra in (("local", []), ("ray", ["--ray"])):
-            m = work / f"measurement-{tag}.json"
-            m.unlink(missing_ok=True)
-            times.append(timed(qc + alloc + ["--measurement", str(m)] + extra))
-        same = measurement(work / "measurement-local.json") == measurement(work / "measurement-ray.json")
-        print(f"| automatic-mix analysis (imatrix {'given' if args.imatrix else 'from --calib'}, sensitivity) | "
-              f"{times[0]:.0f} | {times[1]:.0f} | {'yes' if same else 'NO'} |")
-    finally:
-        ray_lib.shutdown()
+    env.pop("RAY_ADDRESS", None)  # each --ray run starts a local cluster of this machine's cores
+    print("| run | local s | --ray s | equal |\n|---|---:|---:|---|")
+    smooth = ["smooth", args.model, "--calib", args.calib, "--chunks", str(args.chunks), "--alpha",
+              args.alpha, "--mappings", "all", "--activations", "static", "-q"]
+    times = []
+    for tag, extra in (("local", []), ("ray", ["--ray"])):
+        out = work / f"smooth-{tag}.gguf"
+        times.append(timed(qc + smooth + ["-o", str(out), "--scales-out", str(out.with_suffix(".json")),
+                                         "--force"] + extra))
+    same = all(hashlib.sha256((work / f"smooth-local{s}").read_bytes()).digest()
+               == hashlib.sha256((work / f"smooth-ray{s}").read_bytes()).digest() for s in (".gguf", ".json"))
+    print(f"| smooth, alpha {args.alpha}, all mappings, static, {args.chunks} chunks | {times[0]:.0f} | "
+          f"{times[1]:.0f} | {'yes' if same else 'NO'} |")
+    alloc = ["quantize", args.model, str(work / "mix.gguf"), "--target-size", args.target_size, "--calib",
+             args.calib, "--dry-run", "-q"] + (["--imatrix", args.imatrix] if args.imatrix else [])
+    times = []
+    for tag, extra in (("local", []), ("ray", ["--ray"])):
+        m = work / f"measurement-{tag}.json"
+        m.unlink(missing_ok=True)
+        times.append(timed(qc + alloc + ["--measurement", str(m)] + extra))
+    same = measurement(work / "measurement-local.json") == measurement(work / "measurement-ray.json")
+    print(f"| automatic-mix analysis (imatrix {'given' if args.imatrix else 'from --calib'}, sensitivity) | "
+          f"{times[0]:.0f} | {times[1]:.0f} | {'yes' if same else 'NO'} |")
 
 
 def main() -> None:
@@ -258,7 +252,6 @@ def main() -> None:
     ap.add_argument("--imatrix", help="ray: the automatic mix's imatrix (default: computed from --calib)")
     ap.add_argument("--target-size", default="240MB", help="ray: the automatic mix's target")
     ap.add_argument("--alpha", default="0.8", help="ray: smooth's alpha")
-    ap.add_argument("--workers", type=int, default=2, help="ray: workers of the local cluster")
     args = ap.parse_args()
     {"memory": memory, "sc004": sc004, "ray": ray}[args.what](args)
 

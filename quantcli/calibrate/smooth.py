@@ -391,39 +391,69 @@ class SmoothObserver(Observer, name="smooth"):
         heads = [probe.input(c) for c in range(probe.n_chunks) if searched and first + c < self.search_chunks]
         return LayerInputs(act_max, sample, heads)
 
-    def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs) -> LayerSmoothing:
+    def alpha_grid(self) -> np.ndarray:
+        """The alphas `--alpha auto` tries: 0, grid, 2 grid, ..., 1."""
+        return np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
+
+    def _maxima(self, weights: dict[str, np.ndarray], inputs: LayerInputs) -> tuple[dict, dict]:
+        """Per mapping, per scale channel: max|X_j| of its input and max|W_j| over its consumers."""
+        res = self.result_
+        cfg = res.config
+        w_max = {m.name: _per_source_channel(m, np.max([np.abs(weights[c]).max(axis=0) for c in m.consumers],
+                                                      axis=0), cfg) for m in res.mappings}
+        a_max = {m.name: _per_source_channel(m, inputs.act_max[m.consumers[0]], cfg) for m in res.mappings}
+        return a_max, w_max
+
+    def _scales(self, a_max: dict, w_max: dict, alphas: dict[str, float]) -> dict[str, np.ndarray]:
+        return {name: smooth_scales(a_max[name], w_max[name], alphas[name]) for name in a_max}
+
+    def _refs(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """X @ W.T of every smoothed linear on the sampled rows."""
+        return {c: sample[m.consumers[0]] @ weights[c].T for m in self.result_.mappings for c in m.consumers}
+
+    def curves(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+               alphas: np.ndarray) -> dict[str, np.ndarray]:
+        """`--alpha auto`'s errors at these alphas (float32 [len(alphas)] each): per mapping, the
+        simulated W8A8 error of its linears (per-token activations), or under "block" the whole
+        block's (static). Each alpha's error is computed alone, so any split of the grid (shards of
+        a cluster) joins to the same curves."""
+        res = self.result_
+        a_max, w_max = self._maxima(weights, inputs)
+        names = list(a_max)
+        if self.activations == "token":
+            refs = self._refs(weights, inputs.sample)
+            errs = [self._errors(weights, inputs.sample, refs, self._scales(a_max, w_max, dict.fromkeys(names, a)),
+                                 None) for a in alphas]
+            return {m.name: np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
+                    for m in res.mappings}
+        block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
+        return {"block": np.array([self._block_error(il, weights, inputs, block_refs,
+                                                     self._scales(a_max, w_max, dict.fromkeys(names, a)))
+                                   for a in alphas], np.float32)}
+
+    def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+               curves: dict[str, np.ndarray] | None = None) -> LayerSmoothing:
         """Choose layer il's alpha, scales and static scales from its inputs, record them, and fold
-        the scales into `weights` (in place)."""
+        the scales into `weights` (in place). `curves`: the auto search's errors over the whole
+        grid when already computed (`curves()`, on a cluster's shards)."""
         res = self.result_
         assert res is not None, "begin() first"
         cfg = res.config
         act_max, sample = inputs.act_max, inputs.sample
-        w_max = {m.name: _per_source_channel(m, np.max([np.abs(weights[c]).max(axis=0) for c in m.consumers],
-                                                      axis=0), cfg) for m in res.mappings}
-        a_max = {m.name: _per_source_channel(m, act_max[m.consumers[0]], cfg) for m in res.mappings}
-
-        def scales(alphas: dict[str, float]) -> dict[str, np.ndarray]:
-            return {name: smooth_scales(a_max[name], w_max[name], alphas[name]) for name in a_max}
-
-        def same(a: float) -> dict[str, float]:
-            return {name: a for name in a_max}
-
-        refs = {c: sample[m.consumers[0]] @ weights[c].T for m in res.mappings for c in m.consumers}
-        grid = np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
-        curves: dict[str, np.ndarray] = {}
+        a_max, w_max = self._maxima(weights, inputs)
+        names = list(a_max)
+        refs = self._refs(weights, sample)
+        grid = self.alpha_grid()
         if self.alpha != "auto":
-            alphas = same(float(self.alpha))
-        elif self.activations == "token":
-            errs = [self._errors(weights, sample, refs, scales(same(a)), None) for a in grid]
-            for m in res.mappings:
-                curves[m.name] = np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
-            alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
+            curves, alphas = {}, dict.fromkeys(names, float(self.alpha))
         else:
-            block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
-            curves["block"] = np.array([self._block_error(il, weights, inputs, block_refs, scales(same(a)))
-                                        for a in grid], np.float32)
-            alphas = same(float(grid[int(np.argmin(curves["block"]))]))
-        s = scales(alphas)
+            if curves is None:
+                curves = self.curves(il, weights, inputs, grid)
+            if self.activations == "token":
+                alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
+            else:
+                alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
+        s = self._scales(a_max, w_max, alphas)
         ones = {name: np.ones_like(v) for name, v in a_max.items()}
         before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones))
         static = self._static(act_max, sample, s)

@@ -337,7 +337,11 @@ class ShardPool:
                             "giving up (see the Ray logs)")
 
     def each(self, method: str, *args: Any) -> list:
-        answers = self.cluster.results([getattr(h, method).remote(*args) for h in self.handles])
+        return self.each_of(method, [args] * len(self.handles))
+
+    def each_of(self, method: str, args: list[tuple]) -> list:
+        """Shard i's `method(*args[i])`, for every shard; the answers in shard order."""
+        answers = self.cluster.results([getattr(h, method).remote(*a) for h, a in zip(self.handles, args)])
         for _ in range(TASK_RETRIES + 1):
             lost = [i for i, a in enumerate(answers) if a is LOST]
             if not lost:
@@ -345,11 +349,16 @@ class ShardPool:
             self.log(f"the Ray worker(s) holding shard(s) {lost} died; starting them again "
                      f"({len(self.replay())} layer(s) to replay)")
             self._start(lost)
-            for i, a in zip(lost, self.cluster.results([getattr(self.handles[i], method).remote(*args)
+            for i, a in zip(lost, self.cluster.results([getattr(self.handles[i], method).remote(*args[i])
                                                         for i in lost])):
                 answers[i] = a
         raise QuantcliError(f"the Ray workers holding shard(s) {lost} died {TASK_RETRIES + 1} times; "
                             "giving up (see the Ray logs)")
+
+
+def bounds_of(n: int, parts: int, i: int) -> slice:
+    """Part i of `parts` near-equal contiguous parts of range(n)."""
+    return slice(round(i * n / parts), round((i + 1) * n / parts))
 
 
 class SmoothShard:
@@ -377,6 +386,13 @@ class SmoothShard:
 
         return self.observer.gather(il, Probe(self.model, il, self._layer(il), self.hidden), self.first)
 
+    def curves(self, il: int, inputs: Any, alphas: Any) -> dict:
+        """`--alpha auto`'s errors of layer il at these alphas (a part of the grid), from the
+        merged inputs of all shards and this shard's copy of the layer's weights."""
+        if len(alphas) == 0:
+            return {}
+        return self.observer.curves(il, self._layer(il), inputs, alphas)
+
     def advance(self, layers: list) -> int:
         """Move the shard through these layers, (il, scales) each, every one smoothed by its scales."""
         from quantcli.calibrate.smooth import fold_layer
@@ -396,10 +412,12 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
     """`smooth`'s statistics on a Ray cluster, into `observer` (a SmoothObserver, begun here): the
     chunks in shards, one actor each holding its shard's hidden states; per layer every shard
     measures its inputs (SmoothObserver.gather), this process merges them in chunk order, decides
-    alpha and the scales with the layer's weights, and the shards move on through the smoothed
-    layer. Maxima merge exactly and rows join in chunk order, so the result is the local run's
+    alpha and the scales with the layer's weights (`--alpha auto`: the shards compute the search's
+    errors, a part of the alpha grid each), and the shards move on through the smoothed layer. Maxima merge exactly and rows join in chunk order, so the result is the local run's
     for any number of workers. Layers decided are checkpointed here; returns the layers resumed."""
     import time
+
+    import numpy as np
 
     from quantcli.calibrate.runner import model_fingerprint, npz_bytes, read_npz, versions
     from quantcli.calibrate.smooth import LayerInputs
@@ -432,16 +450,24 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
         cpus = min(threads, cluster.node_cpus)
         actor = cluster.actor_class(SmoothShard, num_cpus=cpus, runtime_env={"env_vars": env})
         n_shards = max(1, min(n_chunks, cluster.workers // cpus))
-        bounds = [round(i * n_chunks / n_shards) for i in range(n_shards + 1)]
         name = str(Path(source).resolve())
-        args = [(name, chunks, bounds[i], bounds[i + 1], observer.options) for i in range(n_shards)]
+        args = []
+        for i in range(n_shards):
+            part = bounds_of(n_chunks, n_shards, i)
+            args.append((name, chunks, part.start, part.stop, observer.options))
         pool = ShardPool(cluster, actor, args, lambda: list(layers_done), log)  # resumed: replays start's layers
         for il in range(start, n_layer):
             t0 = time.perf_counter()
             inputs = LayerInputs.merge(pool.each("gather", il))
+            curves = None
+            if observer.alpha == "auto":  # the grid's alphas split over the shards, each error computed alone
+                grid, shared = observer.alpha_grid(), cluster.put(inputs)
+                parts = pool.each_of("curves", [(il, shared, grid[bounds_of(len(grid), n_shards, i)])
+                                                for i in range(n_shards)])
+                curves = {k: np.concatenate([p[k] for p in parts if p]) for k in next(p for p in parts if p)}
             weights = model.layer_weights(il)
-            layer = observer.decide(il, weights, inputs)
-            del weights, inputs
+            layer = observer.decide(il, weights, inputs, curves)
+            del weights, inputs, curves
             if store is not None:
                 with store.put(f"stats-{il}") as fh:
                     fh.write(npz_bytes(**observer.layer_state(il)))

@@ -217,15 +217,17 @@ def test_smooth_shards_through_a_cluster_give_the_local_file(model, tmp_path, fa
     assert local.with_suffix(".json").read_bytes() == remote.with_suffix(".json").read_bytes()
 
 
-def test_a_smooth_shard_whose_worker_dies_is_replayed(model, tmp_path, fake, monkeypatch):
-    """The actor of a shard dies at its 8th call (layer 1): a new one replays layer 0 with the
-    scales chosen for it and the run ends with the local file."""
+@pytest.mark.parametrize("alpha, kill_at", [("0.5", 8), ("auto", 14)])
+def test_a_smooth_shard_whose_worker_dies_is_replayed(model, tmp_path, fake, monkeypatch, alpha, kill_at):
+    """A shard's actor dies in layer 1 (alpha 0.5: measuring its inputs, the 8th call; auto: its
+    part of the alpha search, the 14th): a new one replays layer 0 with the scales chosen for it,
+    is asked again, and the run ends with the local file."""
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
-    _smooth(model, local, "--alpha", "0.5")
-    fake.kill_at = 8
-    _smooth(model, remote, "--alpha", "0.5", "--ray")
+    _smooth(model, local, "--alpha", alpha)
+    fake.kill_at = kill_at
+    _smooth(model, remote, "--alpha", alpha, "--ray")
     assert fake.killed == 1 and fake.actors == 4
     assert local.read_bytes() == remote.read_bytes()
 
@@ -242,12 +244,12 @@ def test_a_smooth_coordinator_that_dies_resumes_from_its_layers(model, tmp_path,
     real = SmoothObserver.decide
     decided = []
 
-    def dying(self, il, weights, inputs):
+    def dying(self, il, weights, inputs, curves=None):
         if il == 2 and not decided.count("stopped"):
             decided.append("stopped")
             raise KeyboardInterrupt
         decided.append(il)
-        return real(self, il, weights, inputs)
+        return real(self, il, weights, inputs, curves)
 
     monkeypatch.setattr(SmoothObserver, "decide", dying)
     res = _cli("smooth", model, "-o", remote, "--calib", EXODUS, "--alpha", "auto", *SMOOTH_ARGS[:-1], "--ray")
