@@ -37,6 +37,12 @@ def _ray() -> Any:
     return ray
 
 
+def require_ray(address: str | None) -> None:
+    """With a --ray address, Ray must be installed: checked before a run writes anything."""
+    if address is not None:
+        _ray()
+
+
 LOST = object()  # Cluster.results' answer for a call whose actor died
 
 

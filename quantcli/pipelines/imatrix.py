@@ -11,6 +11,7 @@ from quantcli import checkpoint
 from quantcli.calibrate import imatrix_file
 from quantcli.errors import UsageError
 from quantcli.formats.atomic import check_output
+from quantcli.pipelines import cluster
 from quantcli.pipelines.common import ProgressFn, read_text
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
         warn(f"{opts.chunks} chunks is outside the recommended {CHUNK_RANGE[0]}-{CHUNK_RANGE[1]}")
+    cluster.require_ray(opts.ray)
     check_output(opts.output, [opts.model] + ([opts.text] if opts.text else []), opts.force)
     text = read_text(opts.text) if opts.text is not None else None
     ckpt = opts.checkpoint_dir or checkpoint.default_dir(opts.output)
@@ -62,8 +64,6 @@ def run(opts: ImatrixRunOptions, progress: ProgressFn | None = None,
                                    checkpoint_dir=ckpt, keep_checkpoints=opts.keep_checkpoints,
                                    super_weights=opts.super_weights)
     if opts.ray is not None and text is not None:
-        from quantcli.pipelines import cluster
-
         result = cluster.imatrix(opts.model, text, options, opts.ray, progress, warn)
     else:
         result = calib.compute(opts.model, text, options, progress, warn)

@@ -36,7 +36,7 @@ from quantcli.formats import ModelReader, TensorSpec, Writer, create_writer
 from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.formats.base import KV, parse_override_kv
 from quantcli.names import layer_of
-from quantcli.pipelines import allocation
+from quantcli.pipelines import allocation, cluster
 from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, merge_adapters, open_source,
                                        progress_or_noop, provenance, quick_fingerprint, run_date,
                                        source_sha256)
@@ -234,6 +234,7 @@ def run(opts: QuantizeOptions, progress: ProgressFn | None = None,
     checkpoint key (a resumed run must have made the same transform)."""
     warnings, warn_ = collect_warnings(warn)
     transformed = reader is not None
+    cluster.require_ray(opts.ray)
     if opts.out_format != "gguf" or opts.scheme is not None:
         return run_compressed_tensors(opts, progress, warn_, warnings)
 
@@ -543,8 +544,6 @@ def _computed_imatrix(job: "_Run"):
     options = calib.ImatrixOptions(ctx=opts.ctx, chunks=opts.calib_chunks, dataset=str(opts.calib),
                                    checkpoint_dir=ckpt, keep_checkpoints=True)
     if opts.ray is not None:
-        from quantcli.pipelines import cluster
-
         result = cluster.imatrix(Path(opts.input), text, options, opts.ray, job.step, job.warn, tuple(opts.lora),
                                  job.reader)
     else:
@@ -734,8 +733,6 @@ def _write_units_ray(run: _Run, writer: Writer, store: checkpoint.CheckpointStor
     """`_write_units` with the slices encoded by Ray tasks (`cluster.encode_task`): the results come
     back in submission order, so they are written and hashed exactly as a local run writes them,
     and each unit is recorded in the manifest (here, on the coordinator) once its last slice is."""
-    from quantcli.pipelines import cluster
-
     if run.transformed:
         raise UsageError("--ray reads the input on the workers: a transformed model (smooth) cannot go there")
     ray_cluster = cluster.connect(run.opts.ray, run.opts.threads or None)

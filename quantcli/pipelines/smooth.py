@@ -31,6 +31,7 @@ from quantcli import checkpoint
 from quantcli.digests import file_sha256
 from quantcli.errors import InputError, OutputError, UsageError
 from quantcli.formats.atomic import atomic_write, check_output, describe
+from quantcli.pipelines import cluster
 from quantcli.pipelines.common import ProgressFn, open_source, read_text
 from quantcli.progress import collect_warnings
 
@@ -307,6 +308,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
 
     start = time.perf_counter()
     alpha = check_options(opts, warn_)
+    cluster.require_ray(opts.ray)
     ckpt = Path(opts.checkpoint_dir or checkpoint.default_dir(Path(opts.output)))
     with open_source(opts.model, warn_) as reader:
         arch = reader.kv.get("general.architecture")
@@ -326,7 +328,6 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                              static_scales=opts.static_scales)
         if opts.ray is not None:  # the same statistics from shards of the chunks on a Ray cluster
             from quantcli.calibrate.runner import make_chunks
-            from quantcli.pipelines import cluster
 
             resumed = cluster.smooth(opts.model, model, make_chunks(model, tokens, run_opts), obs,
                                      run_opts.checkpoint_dir, opts.ray, progress, warn_)

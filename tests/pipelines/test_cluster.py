@@ -327,6 +327,12 @@ def test_without_ray_the_flag_names_the_extra(model, tmp_path, monkeypatch):
     assert not (tmp_path / "o.gguf").exists()
     res = _cli("quantize", model, tmp_path / "o.gguf", "--type", "Q8_0", "--ray-address", "auto")
     assert res.exit_code == 2 and "pass --ray too" in res.output
+    for args in (["smooth", model, "-o", tmp_path / "s.gguf", "--calib", EXODUS, "--ctx", "64", "--chunks", "4"],
+                 ["quantize", model, tmp_path / "a.gguf", "--target-bpw", "5", "--calib", EXODUS, "--ctx", "64"]):
+        res = _cli(*args, "--ray")
+        assert res.exit_code == 2, res.output
+        assert res.output.splitlines()[-1] == "error: --ray needs Ray: pip install 'quantcli[ray]'"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # nothing written, no checkpoints
 
 
 # -- a real local Ray cluster --------------------------------------------------------------------
