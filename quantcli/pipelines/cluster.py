@@ -362,6 +362,22 @@ class ShardPool:
                             "giving up (see the Ray logs)")
 
 
+def _observer_store(kind: str, model: Any, chunks: Any, observer: Any, checkpoint_dir: Path | None, threads: int,
+                    lora: tuple, log: Callable[[str], None]) -> Any:
+    """The coordinator's checkpoints of an observer's run on the cluster (None without a
+    directory), keyed as the runner keys a local run's, plus the workers' BLAS threads."""
+    from quantcli.calibrate.runner import model_fingerprint, versions
+    from quantcli.checkpoint import CheckpointStore
+
+    if checkpoint_dir is None:
+        return None
+    key = {"kind": kind, "model": model_fingerprint(model.reader),
+           "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
+           "options": {"ctx": int(chunks.shape[1]), "blas_threads": threads}, "observers": [observer.key()],
+           "lora": _adapters_key(lora), **versions()}
+    return CheckpointStore(checkpoint_dir, key, log)
+
+
 def bounds_of(n: int, parts: int, i: int) -> slice:
     """Part i of `parts` near-equal contiguous parts of range(n)."""
     return slice(round(i * n / parts), round((i + 1) * n / parts))
@@ -425,22 +441,15 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
 
     import numpy as np
 
-    from quantcli.calibrate.runner import model_fingerprint, npz_bytes, read_npz, versions
+    from quantcli.calibrate.runner import npz_bytes, read_npz
     from quantcli.calibrate.smooth import LayerInputs
-    from quantcli.checkpoint import CheckpointStore
     from quantcli.progress import Progress, progress_or_noop
 
     report, log = progress_or_noop(progress), log or (lambda _m: None)
     threads = blas_threads()
     n_chunks, n_layer = len(chunks), model.config.n_layer
     observer.begin(model, chunks)
-    store = None
-    if checkpoint_dir is not None:
-        key = {"kind": "smooth-ray", "model": model_fingerprint(model.reader),
-               "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
-               "options": {"ctx": int(chunks.shape[1]), "blas_threads": threads}, "observers": [observer.key()],
-               **versions()}
-        store = CheckpointStore(checkpoint_dir, key, log)
+    store = _observer_store("smooth-ray", model, chunks, observer, checkpoint_dir, threads, (), log)
     start = 0
     while store is not None and start < n_layer and (p := store.get(f"stats-{start}")) is not None:
         observer.load_layer_state(start, read_npz(p))
@@ -540,9 +549,8 @@ def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint
     number of workers. Finished tasks are checkpointed here."""
     import numpy as np
 
-    from quantcli.calibrate.runner import model_fingerprint, npz_bytes, read_npz, versions
+    from quantcli.calibrate.runner import npz_bytes, read_npz
     from quantcli.calibrate.sensitivity import _pack, _unpack
-    from quantcli.checkpoint import CheckpointStore
     from quantcli.engine.model import LINEARS
     from quantcli.progress import Progress, progress_or_noop
 
@@ -550,13 +558,7 @@ def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint
     threads = blas_threads()
     cfg = model.config
     observer.begin(model, chunks)
-    store = None
-    if checkpoint_dir is not None:
-        key = {"kind": "sensitivity-ray", "model": model_fingerprint(model.reader),
-               "tokens": hashlib.sha256(chunks.astype("<i8").tobytes()).hexdigest(),
-               "options": {"ctx": int(chunks.shape[1]), "blas_threads": threads}, "observers": [observer.key()],
-               "lora": _adapters_key(lora), **versions()}
-        store = CheckpointStore(checkpoint_dir, key, log)
+    store = _observer_store("sensitivity-ray", model, chunks, observer, checkpoint_dir, threads, lora, log)
     pieces = [("embd", 0, "")] + [("act", 0, a) for a in observer._act_types()]
     pieces += [("tensor", il, short) for il in range(cfg.n_layer) for short in LINEARS
                if f"blk.{il}.{short}.weight" in model.reader.tensors]

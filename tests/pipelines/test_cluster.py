@@ -423,6 +423,19 @@ def _in_background(*args) -> tuple[threading.Thread, dict]:
     return t, result
 
 
+def _kill_once_checkpointed(first: Path, task: str, *args) -> None:
+    """The CLI run `args` in the background; once its checkpoint `first` exists, SIGKILL every
+    worker running `task` (a task's or an actor's name); the run must still succeed."""
+    t, result = _in_background(*args)
+    deadline = time.time() + 300
+    while time.time() < deadline and not first.exists() and t.is_alive():
+        time.sleep(0.02)
+    killed = _kill_busy(task, t)
+    t.join(600)
+    assert killed >= 1, f"no worker was running {task} when the test looked"
+    assert result["res"].exit_code == 0, result["res"].output
+
+
 def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
     """imatrix --ray on 2 workers (one BLAS thread each, as the coordinator's environment says)
     equals `imatrix` run locally with one BLAS thread, byte for byte."""
@@ -463,15 +476,8 @@ def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
     local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
     args = ["-f", text, "--chunks", "320", "--ctx", "64", "-q"]
     _local_one_thread("imatrix", model, "-o", local, *args)
-    t, result = _in_background("imatrix", model, "-o", remote, *args, "--ray")
-    first = tmp_path / "ray.imatrix.checkpoints" / "unit-block-0.bin"
-    deadline = time.time() + 300
-    while time.time() < deadline and not first.exists() and t.is_alive():
-        time.sleep(0.02)
-    killed = _kill_busy("imatrix_block_task", t)
-    t.join(600)
-    assert killed >= 1, "no worker was running a block when the test looked"
-    assert result["res"].exit_code == 0, result["res"].output
+    _kill_once_checkpointed(tmp_path / "ray.imatrix.checkpoints" / "unit-block-0.bin", "imatrix_block_task",
+                            "imatrix", model, "-o", remote, *args, "--ray")
     assert local.read_bytes() == remote.read_bytes()
 
 
@@ -498,15 +504,8 @@ def test_ray_smooth_shard_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
     args = ["--calib", EXODUS, "--ctx", "64", "--chunks", "12", "--alpha", "auto", "--mappings", "all", "-q"]
     _local_one_thread("smooth", model, "-o", local, *args)
-    t, result = _in_background("smooth", model, "-o", remote, *args, "--ray")
-    first = tmp_path / "ray.gguf.checkpoints" / "calibration" / "unit-stats-0.bin"
-    deadline = time.time() + 300
-    while time.time() < deadline and not first.exists() and t.is_alive():
-        time.sleep(0.02)
-    killed = _kill_busy("SmoothShard", t)
-    t.join(600)
-    assert killed >= 1, "no shard actor was alive when the test looked"
-    assert result["res"].exit_code == 0, result["res"].output
+    _kill_once_checkpointed(tmp_path / "ray.gguf.checkpoints" / "calibration" / "unit-stats-0.bin", "SmoothShard",
+                            "smooth", model, "-o", remote, *args, "--ray")
     assert local.read_bytes() == remote.read_bytes()
 
 
