@@ -325,7 +325,7 @@ def _simulation_key(model: Model) -> dict[str, Any] | None:
     if sim is None:
         return None
     maxima = sorted((sim.act_max or {}).items())
-    return {"mode": sim.mode, "act_max": hashlib.sha256(repr(maxima).encode()).hexdigest()}
+    return {"mode": sim.mode, "act_max": hashlib.sha256(repr(maxima).encode()).hexdigest(), "keep": sorted(sim.keep)}
 
 
 def _resume(store: CheckpointStore, hidden: np.ndarray, observers: list[Observer],

@@ -84,7 +84,7 @@ class Model:
             if name in names:
                 w[short] = self.reader.load_f32(name)
                 self.reader.release(name)  # its stored bytes are decoded: drop their mapped pages
-                if self.simulate is not None and short in LINEARS:
+                if self.simulate is not None and short in LINEARS and self.simulate.int8(name):
                     w[short] = self.simulate.weight(w[short])
         for short in _BIASES:
             name = f"blk.{il}.{short}.bias"
@@ -169,11 +169,12 @@ class Model:
                 hook(full, h)
             xin = h
             if self.simulate is not None:
-                # q/k/v (gate/up) share per-token scales; static per-tensor ones are per weight
-                key = (id(h), "" if self.simulate.mode == "token" else full)
-                if key not in rounded:
-                    rounded[key] = (h, self.simulate.activations(full, h))
-                xin = rounded[key][1]
+                if self.simulate.int8(full):  # (a linear the engine keeps in float sees its input as it is)
+                    # q/k/v (gate/up) share per-token scales; static per-tensor ones are per weight
+                    key = (id(h), "" if self.simulate.mode == "token" else full)
+                    if key not in rounded:
+                        rounded[key] = (h, self.simulate.activations(full, h))
+                    xin = rounded[key][1]
             elif self.act_quant:
                 key = (id(h), self.activation_type(full))
                 if key not in rounded:

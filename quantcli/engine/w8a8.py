@@ -13,6 +13,7 @@ accumulation times the two scales gives the same values.
 
     sim = W8A8("tensor", act_max={"blk.0.attn_q.weight": 11.5, ...})   # or W8A8("token")
     model = Model(reader, simulate=sim)      # every block linear runs W8A8; head and embeddings do not
+    W8A8("token", keep=frozenset({"blk.3.ffn_down.weight"}))           # ... but that one in float
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class W8A8:
 
     mode: str = "token"  # "token": dynamic per-token activation scales; "tensor": static per-tensor
     act_max: Mapping[str, float] | None = field(default=None, compare=False, repr=False)  # weight name -> max|x|
+    keep: frozenset[str] = frozenset()  # weight names the engine runs in float (a smoothed model's kept linears)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,6 +93,10 @@ class W8A8:
         if self.mode == "tensor" and self.act_max is None:
             raise UsageError("W8A8 with static per-tensor activations needs act_max (weight name -> max|x|); "
                              "gather it with the absmax observer, or use mode 'token'")
+
+    def int8(self, name: str) -> bool:
+        """Whether the engine runs the linear with weight `name` as W8A8 (not one it keeps in float)."""
+        return name not in self.keep
 
     def weight(self, w: np.ndarray) -> np.ndarray:
         """A block linear's weight [n_out, n_in] as the int8 engine holds it (dequantized)."""

@@ -254,7 +254,9 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     per-tensor activation scales are, in this order: the calibration maxima a smoothed model
     records (`quantcli smooth` writes them), the maxima of every matmul input on `calib`'s chunks,
     or on the evaluation text's own chunks (the best case for static scales). Scales are measured
-    by the static-scales observer on the unsimulated model, one extra pass over the layers."""
+    by the static-scales observer on the unsimulated model, one extra pass over the layers. The
+    linears a smoothed model kept at higher precision (`quantcli.smooth.kept`) run in float, as an
+    int8 engine runs the layers its config ignores."""
     from quantcli.engine.w8a8 import W8A8
     from quantcli.errors import UsageError
 
@@ -262,13 +264,14 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
         return None, None
     if spec not in SIMULATIONS:
         raise UsageError(f"unknown simulation '{spec}'; known: {', '.join(SIMULATIONS)}")
-    if SIMULATIONS[spec] == "token":
-        return W8A8("token"), None
-    from quantcli.pipelines.smooth import recorded_input_max
+    from quantcli.pipelines.smooth import recorded_input_max, recorded_kept
 
+    keep = recorded_kept(reader.kv)  # linears a smoothed model keeps out of int8 (--keep-problem-layers)
+    if SIMULATIONS[spec] == "token":
+        return W8A8("token", keep=keep), None
     recorded = recorded_input_max(reader.kv)
     if recorded is not None:
-        return W8A8("tensor", act_max=recorded), "recorded"
+        return W8A8("tensor", act_max=recorded, keep=keep), "recorded"
     from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
@@ -277,7 +280,7 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
                                                  parse_special=False)
     run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="static-scales"),
                           [make_observer("static-scales")], progress)
-    return W8A8("tensor", act_max=run.observers[0].result()), "calib" if calib is not None else "eval-text"
+    return W8A8("tensor", act_max=run.observers[0].result(), keep=keep), "calib" if calib is not None else "eval-text"
 
 
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:

@@ -282,6 +282,12 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
     return meta
 
 
+def recorded_kept(kv: dict[str, Any]) -> frozenset[str]:
+    """The linears a smoothed GGUF keeps out of int8 (`quantcli.smooth.kept`; empty when none)."""
+    field = kv.get("quantcli.smooth.kept")
+    return frozenset(str(n) for n in field.value) if field is not None else frozenset()
+
+
 def recorded_input_max(kv: dict[str, Any]) -> dict[str, float] | None:
     """The max|x| of each linear's static activation scale that a smoothed GGUF records: its
     static scales (`quantcli.smooth.static_max.*`, smoothed for static activations), else its

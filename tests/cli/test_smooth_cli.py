@@ -118,6 +118,14 @@ def test_problem_layers_are_named_and_kept_at_the_asked_type(setup):
             assert r.tensors[name].dtype == "F16"
         assert r.tensors["blk.0.ffn_down.weight"].dtype == "Q8_0"  # not smoothed with --mappings norm
         assert len(r.kv["quantcli.smooth.kept"].value) == len(summary["kept"])
+    # report --simulate runs the kept linears in float, as an int8 engine runs the ones it ignores
+    from quantcli.pipelines.report import simulation
+
+    with open_model(out) as r:
+        for spec in ("w8a8:token", "w8a8:tensor"):
+            sim, _ = simulation(r, spec, TEXT, 64, 2)
+            assert sim.keep == frozenset(summary["kept"]) and not sim.int8("blk.0.attn_q.weight")
+            assert sim.int8("blk.0.ffn_down.weight")
     # without --keep-problem-layers they are only reported, on the terminal too
     res = smooth(str(src), "-o", str(tmp / "t.gguf"), "--calib", str(text), *CTX, "--problem-error", "1e-12")
     assert res.exit_code == 0 and "problem layer 0" in res.output and "--alpha auto" in res.output

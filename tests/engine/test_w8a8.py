@@ -118,6 +118,37 @@ def test_model_runs_every_block_linear_as_w8a8(tmp_path, mode):
         assert np.linalg.norm(z_sim - z_plain) < 0.1 * np.linalg.norm(z_plain)
 
 
+@pytest.mark.parametrize("mode", ["token", "tensor"])
+def test_linears_the_engine_keeps_in_float_are_not_simulated(tmp_path, mode):
+    """W8A8(keep=...): those linears keep their float weights and inputs (per-token mode: attn_k
+    out of q/k/v, which share the rest's rounded input); the others are simulated as before."""
+    path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
+    chunk = np.random.default_rng(0).integers(0, 275, 32)
+    keep = frozenset({"blk.0.attn_k.weight", "blk.1.ffn_down.weight"})
+    with open_model(path) as r:
+        plain = Model(r, act_quant=False)
+        maxima: dict[str, float] = {}
+        forward(plain, chunk, lambda n, x: maxima.__setitem__(n, max(maxima.get(n, 0.0), float(np.abs(x).max()))))
+        act_max = maxima if mode == "tensor" else None
+        m = Model(r, simulate=W8A8(mode, act_max=act_max, keep=keep))
+        full = Model(r, simulate=W8A8(mode, act_max=act_max))
+        for il in range(2):
+            w, raw, sim = m.layer_weights(il), plain.layer_weights(il), full.layer_weights(il)
+            for short in LINEARS:
+                want = raw if f"blk.{il}.{short}.weight" in keep else sim
+                assert np.array_equal(w[short], want[short]), (il, short)
+        seen: dict[str, np.ndarray] = {}
+        ref: dict[str, np.ndarray] = {}
+        x = m.embed(chunk)
+        m.layer(0, m.layer_weights(0), x, None, lambda n, y: seen.setdefault(n, y))
+        plain.layer(0, plain.layer_weights(0), x, None, lambda n, y: ref.setdefault(n, y))
+        # attn_k computes in float; attn_q, which reads the same input, does not
+        np.testing.assert_allclose(seen["blk.0.attn_k.weight"], ref["blk.0.attn_k.weight"], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(seen["blk.0.attn_q.weight"], ref["blk.0.attn_q.weight"], rtol=1e-6, atol=1e-6)
+        z_keep, z_full = forward(m, chunk), forward(full, chunk)
+        assert not np.array_equal(z_keep, z_full)
+
+
 def test_perplexity_options_simulate_only_the_model(tmp_path):
     path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
     with open_model(path) as r:
