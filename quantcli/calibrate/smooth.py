@@ -37,6 +37,14 @@ alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
   alpha -> 1 there (it flattens the maxima that set the one scale, whatever that costs downstream):
   on Gemma 3 270M it measured 11.78 perplexity against 9.70 for the block error (bench/smooth.py).
 
+- llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
+  when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
+  last candidate), by the same block error on `search_chunks` chunks with each linear's weight in
+  its GGML type (decoded) and its input rounded to the type's vec_dot_type, as ggml-cpu computes
+  Q8_0 x Q8_0 (or Q4_K x Q8_K ...). Q8_0 blocks of 32 absorb much of what smoothing moves, so a
+  layer it does not help keeps its weights; on Gemma 3 270M (Q8_0, Exodus) llama-perplexity
+  measured 9.2151 against 9.2202 for plain Q8_0 and 9.2265 for the W8A8 objective.
+
 Static per-tensor scales (`static_scales`): "mse" (default) takes for each matmul input the
 max|x| (scale * 127) among max * 0.05^(k/30), k = 0..30, that minimises sum((dq(q(x)) - x)^2) over
 the sampled rows — llm-compressor's `mse` observer: it clips the rare massive activations (BOS,
@@ -56,6 +64,7 @@ from gguf import GGMLQuantizationType
 from quantcli.calibrate.absmax import fold_max
 from quantcli.calibrate.runner import Observer, Probe, RunOptions, run_calibration
 from quantcli.engine.model import LINEARS, Model
+from quantcli.engine.ops import activation_type
 from quantcli.engine.w8a8 import MODES, W8A8, fake_quant_activations, fake_quant_weight
 from quantcli.errors import InputError, UsageError
 from quantcli.formats.base import ModelReader
@@ -157,6 +166,19 @@ def fold(short: str, arr: np.ndarray, scales: dict[str, np.ndarray], mappings: t
         elif short in m.consumers:
             out = out * expand(m, s, cfg)[None, :]
     return out
+
+
+def _mean_relative_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
+    """Mean over tokens (rows of every chunk) of ||out - ref||^2 / ||ref||^2 (rows with ref 0 skipped)."""
+    total, n = 0.0, 0
+    for out, ref in zip(outs, refs):
+        d = out - ref
+        num = np.einsum("ij,ij->i", d, d, dtype=np.float64)
+        den = np.einsum("ij,ij->i", ref, ref, dtype=np.float64)
+        ok = den > 0
+        total += float((num[ok] / den[ok]).sum())
+        n += int(ok.sum())
+    return total / max(n, 1)
 
 
 def fold_layer(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], mappings: tuple[Mapping, ...],
@@ -349,7 +371,7 @@ class SmoothObserver(Observer, name="smooth"):
 
     def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
                  activations: str = "tensor", max_rows: int = 2048, static_scales: str = "mse",
-                 search_chunks: int = 1) -> None:
+                 search_chunks: int = 1, weight_types: dict[str, str] | None = None) -> None:
         alpha = check_alpha(alpha)
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
@@ -361,8 +383,9 @@ class SmoothObserver(Observer, name="smooth"):
             raise UsageError(f"max_rows and search_chunks must be at least 1, got {max_rows}, {search_chunks}")
         if static_scales not in STATIC_SCALES:
             raise UsageError(f"unknown static scales '{static_scales}'; known: {', '.join(STATIC_SCALES)}")
+        weight_types = dict(sorted(weight_types.items())) if weight_types else None
         super().__init__(alpha=alpha, mappings=mappings, grid=grid, activations=activations, max_rows=max_rows,
-                         static_scales=static_scales, search_chunks=search_chunks)
+                         static_scales=static_scales, search_chunks=search_chunks, weight_types=weight_types)
         self.alpha = alpha  # SmoothQuant migration strength, or "auto": searched (see the module docstring)
         self.mappings = mappings  # "norm": norm -> linears; "all": also attn_v -> attn_output, ffn_up -> ffn_down
         self.grid = grid  # step of the auto search's alpha grid over [0, 1]
@@ -370,6 +393,9 @@ class SmoothObserver(Observer, name="smooth"):
         self.max_rows = max_rows  # rows of each input the errors and static clips are measured on
         self.static_scales = static_scales  # "mse": clipped static scales; "max": the calibration maxima
         self.search_chunks = search_chunks  # chunks the static block search runs
+        # the GGUF's planned type of each block linear (weight name -> GGML type): `--alpha auto`
+        # then searches for llama.cpp's CPU kernels (see _ggml_block_error), "left as it is" included
+        self.weight_types = weight_types
         self.result_: SmoothResult | None = None
 
     def begin(self, model: Model, chunks: np.ndarray) -> None:
@@ -387,13 +413,15 @@ class SmoothObserver(Observer, name="smooth"):
         first + 1, ... of the run (a shard of them on a cluster; LayerInputs.merge joins shards)."""
         rows = self.rows_[first:first + probe.n_chunks]
         act_max, sample = probe_inputs(il, probe, rows)
-        searched = self.alpha == "auto" and self.activations != "token"
+        searched = self.alpha == "auto" and (self.activations != "token" or self.weight_types is not None)
         heads = [probe.input(c) for c in range(probe.n_chunks) if searched and first + c < self.search_chunks]
         return LayerInputs(act_max, sample, heads)
 
     def alpha_grid(self) -> np.ndarray:
-        """The alphas `--alpha auto` tries: 0, grid, 2 grid, ..., 1."""
-        return np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
+        """The alphas `--alpha auto` tries: 0, grid, 2 grid, ..., 1; for llama.cpp's kernels also
+        NaN, the layer left as it is (scales 1), last, so that a tie keeps the smoothing."""
+        grid = np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
+        return np.append(grid, np.nan) if self.weight_types is not None else grid
 
     def _maxima(self, weights: dict[str, np.ndarray], inputs: LayerInputs) -> tuple[dict, dict]:
         """Per mapping, per scale channel: max|X_j| of its input and max|W_j| over its consumers."""
@@ -405,7 +433,9 @@ class SmoothObserver(Observer, name="smooth"):
         return a_max, w_max
 
     def _scales(self, a_max: dict, w_max: dict, alphas: dict[str, float]) -> dict[str, np.ndarray]:
-        return {name: smooth_scales(a_max[name], w_max[name], alphas[name]) for name in a_max}
+        """Per mapping its scales at its alpha; ones (nothing moved) where the alpha is NaN."""
+        return {name: (np.ones_like(a_max[name], dtype=np.float32) if np.isnan(alphas[name])
+                       else smooth_scales(a_max[name], w_max[name], alphas[name])) for name in a_max}
 
     def _refs(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """X @ W.T of every smoothed linear on the sampled rows."""
@@ -420,6 +450,11 @@ class SmoothObserver(Observer, name="smooth"):
         res = self.result_
         a_max, w_max = self._maxima(weights, inputs)
         names = list(a_max)
+        if self.weight_types is not None:  # llama.cpp's kernels; NaN: the layer left as it is
+            block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
+            return {"block": np.array([self._ggml_block_error(il, weights, inputs, block_refs,
+                                                              self._scales(a_max, w_max, dict.fromkeys(names, a)))
+                                       for a in alphas], np.float32)}
         if self.activations == "token":
             refs = self._refs(weights, inputs.sample)
             errs = [self._errors(weights, inputs.sample, refs, self._scales(a_max, w_max, dict.fromkeys(names, a)),
@@ -449,7 +484,9 @@ class SmoothObserver(Observer, name="smooth"):
         else:
             if curves is None:
                 curves = self.curves(il, weights, inputs, grid)
-            if self.activations == "token":
+            if self.weight_types is not None:  # the first minimum of the grid and "as it is" (NaN, last)
+                alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
+            elif self.activations == "token":
                 alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
             else:
                 alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
@@ -460,7 +497,8 @@ class SmoothObserver(Observer, name="smooth"):
         after = self._errors(weights, sample, refs, s, static)
         fold_layer(weights, s, res.mappings, cfg)
         vals = list(alphas.values())
-        layer = LayerSmoothing(float(np.mean(vals)) if len(set(vals)) > 1 else vals[0], s, act_max, before, after,
+        layer_alpha = vals[0] if len(set(vals)) == 1 or any(np.isnan(vals)) else float(np.mean(vals))
+        layer = LayerSmoothing(layer_alpha, s, act_max, before, after,
                                curves, {k: v.astype(np.float32) for k, v in w_max.items()}, alphas, static or {})
         res.layers[il] = layer
         return layer
@@ -511,15 +549,28 @@ class SmoothObserver(Observer, name="smooth"):
         sim = copy.copy(model)
         sim.simulate = W8A8("tensor", act_max={f"blk.{il}.{short}.weight": static[inp]
                                                for inp, shorts in _SHARING.items() for short in shorts})
-        total, n = 0.0, 0
-        for x, ref in zip(inputs.heads, refs):
-            d = sim.layer(il, w, x) - ref
-            num = np.einsum("ij,ij->i", d, d, dtype=np.float64)
-            den = np.einsum("ij,ij->i", ref, ref, dtype=np.float64)
-            ok = den > 0
-            total += float((num[ok] / den[ok]).sum())
-            n += int(ok.sum())
-        return total / max(n, 1)
+        return _mean_relative_error([sim.layer(il, w, x) for x in inputs.heads], refs)
+
+    def _ggml_block_error(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+                          refs: list[np.ndarray], s: dict[str, np.ndarray]) -> float:
+        """The block as llama.cpp's CPU kernels run the GGUF, smoothed by s: each linear's weight
+        in its planned GGML type (decoded), its input rounded to that type's vec_dot_type (Q8_0 /
+        Q8_K blocks), against the float block (`refs`) on the searched chunks: mean over tokens of
+        ||dh||^2 / ||h||^2 of its output."""
+        from quantcli import codecs
+
+        res, model = self.result_, self.model_
+        w = {k: fold(k, v, s, res.mappings, res.config) for k, v in weights.items()}
+        sim = copy.copy(model)
+        sim.act_quant, sim.act_types = True, {}
+        for k in LINEARS:
+            name = f"blk.{il}.{k}.weight"
+            t = self.weight_types.get(name, "F32")
+            if k in w and t != "F32":
+                x = np.ascontiguousarray(w[k], np.float32)
+                w[k] = codecs.dequantize(codecs.quantize(x, t), t, x.shape)
+            sim.act_types[name] = activation_type(t)
+        return _mean_relative_error([sim.layer(il, w, x) for x in inputs.heads], refs)
 
     # -- state --------------------------------------------------------------------------------------
     def layer_state(self, il: int) -> dict[str, np.ndarray]:

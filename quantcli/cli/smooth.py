@@ -29,7 +29,7 @@ def render(result: pipeline.SmoothRunResult) -> None:
         errs = list(row["error"].values())
         before = max((e["before"] or 0.0) for e in errs)
         after = max((e["after"] or 0.0) for e in errs)
-        t.add_row(str(row["layer"]), f"{row['alpha']:.2f}",
+        t.add_row(str(row["layer"]), "as is" if row["alpha"] is None else f"{row['alpha']:.2f}",
                   f"{worst['before']:.0f} -> {worst['after']:.1f}" if worst else "-",
                   f"{before:.2e}", f"{after:.2e}", "[red]problem[/]" if row["layer"] in problems else "")
     out.print(t)

@@ -175,6 +175,28 @@ def calibration_tokens(reader: Any, path: Path, ctx: int) -> np.ndarray:
     return tokens
 
 
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
+
+
+def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
+    """For a GGUF output whose plan quantizes the block linears, with dynamic activations (what
+    llama.cpp's kernels do: each input rounded in blocks), each linear's planned type: the
+    `--alpha auto` search is then for those kernels on that file. None otherwise: the W8A8
+    simulation of --activations (compressed-tensors, a float GGUF, or static activations asked
+    for, which is another engine than llama.cpp)."""
+    if opts.format != "gguf" or opts.activations != "dynamic":
+        return None
+    from quantcli.engine.model import LINEARS
+    from quantcli.names import layer_of
+    from quantcli.plan import PlanOptions, make_plan
+
+    plan = make_plan(reader, PlanOptions(preset=opts.type, allow_requantize=opts.allow_requantize,
+                                         source=Path(opts.model)), has_imatrix=False)
+    types = {p.info.name: p.type for p in plan.tensors
+             if layer_of(p.info.name) is not None and p.info.name.split(".")[2] in LINEARS}
+    return types if set(types.values()) - FLOAT_TYPES else None
+
+
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
     """The layers where a smoothed linear's simulated W8A8 error stays above `threshold`, with why
     (the outlier ratio left in its input) and what to do about it."""
@@ -202,7 +224,7 @@ def layer_rows(result: Any) -> list[dict[str, Any]]:
     rows = []
     for il, layer in sorted(result.layers.items()):
         rows.append({
-            "layer": il, "alpha": layer.alpha, "alphas": {m.name: layer.alpha_of(m) for m in result.mappings},
+            "layer": il, "alpha": _num(layer.alpha), "alphas": {m.name: _num(layer.alpha_of(m)) for m in result.mappings},
             "outlier_ratio": {m.name: {"before": _num(layer.outlier_ratio(m, result.config)),
                                        "after": _num(layer.outlier_ratio(m, result.config, after=True))}
                               for m in result.mappings},
@@ -228,7 +250,7 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
                 "source": f"blk.{il}.{m.source}.weight",
                 "consumers": [f"blk.{il}.{c}.weight" for c in m.consumers],
                 "per_head_group": m.heads,
-                "alpha": layer.alpha_of(m),
+                "alpha": _num(layer.alpha_of(m)),
                 "scales": _floats(layer.scales[m.name]),
                 "act_max_before": _floats(a_before),
                 "act_max_after": _floats(a_before / layer.scales[m.name]),
@@ -236,7 +258,7 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
                 "weight_max_after": _floats(layer.weight_max_after(m)) if m.name in layer.weight_max else None,
                 "outlier_ratio": rows[il]["outlier_ratio"][m.name],
             }
-        layers.append({"layer": il, "alpha": layer.alpha,
+        layers.append({"layer": il, "alpha": _num(layer.alpha),
                        "alpha_grid_errors": {k: _floats(v) for k, v in layer.alpha_errors.items()} or None,
                        "static_max": {f"blk.{il}.{k}.weight": _num(v) for k, v in layer.static_max.items()} or None,
                        "mappings": maps, "error": rows[il]["error"]})
@@ -331,7 +353,8 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                               keep_checkpoints=True, kind="smooth")
         t0 = time.perf_counter()
         obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
-                             static_scales=opts.static_scales)
+                             static_scales=opts.static_scales,
+                             weight_types=gguf_types(reader, opts) if alpha == "auto" else None)  # see gguf_types
         if opts.ray is not None:  # the same statistics from shards of the chunks on a Ray cluster
             from quantcli.calibrate.runner import make_chunks
 
@@ -368,7 +391,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         shutil.rmtree(ckpt, ignore_errors=True)
     return SmoothRunResult(
         output=Path(opts.output), format=opts.format, alpha=result.alpha,
-        alphas=[result.layers[il].alpha for il in sorted(result.layers)],
+        alphas=[_num(result.layers[il].alpha) for il in sorted(result.layers)],
         mappings=[m.name for m in result.mappings], activations=opts.activations, chunks=n_chunks,
         tokens=n_chunks * opts.ctx, layers=rows, problems=problems, kept=kept, bytes=nbytes,
         seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,

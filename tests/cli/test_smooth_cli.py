@@ -102,6 +102,55 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
     assert json.loads(ev.stdout)["evaluation"]["static_scales_from"] == "recorded"
 
 
+def test_auto_for_a_quantized_gguf_searches_llama_cpp_kernels(setup):
+    """A Q8_0 GGUF with dynamic activations: one alpha per layer from the whole block's error as
+    llama.cpp's kernels compute it, at each alpha of the grid and, last, with the layer left as
+    it is (null)."""
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "qwen3", n_layer=2)
+    scales = tmp / "scales.json"
+    res = smooth(str(src), "-o", str(tmp / "s.gguf"), "--calib", str(text), *CTX, "--alpha", "auto",
+                 "--mappings", "all", "--scales-out", str(scales))
+    assert res.exit_code == 0, res.output
+    for layer in json.loads(scales.read_text())["layers"]:
+        curve = layer["alpha_grid_errors"]["block"]
+        assert list(layer["alpha_grid_errors"]) == ["block"] and len(curve) == 22
+        best = int(np.argmin(curve))
+        assert layer["alpha"] == (None if best == 21 else pytest.approx(0.05 * best))
+        assert {m["alpha"] for m in layer["mappings"].values()} == {layer["alpha"]}
+
+
+def test_auto_for_a_quantized_gguf_can_leave_a_layer_as_it_is(setup, monkeypatch):
+    """Where no alpha lowers the block's error under llama.cpp's kernels, the layer is left as it
+    is: alpha null, and its tensors quantize to plain Q8_0's bytes. A float GGUF keeps the W8A8
+    objective (per-token: a curve per mapping)."""
+    from quantcli.calibrate.smooth import SmoothObserver
+
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=2)
+    monkeypatch.setattr(SmoothObserver, "_ggml_block_error",
+                        lambda self, il, w, inputs, refs, s: float(any((v != 1).any() for v in s.values())))
+    out, plain = tmp / "s.gguf", tmp / "plain.gguf"
+    res = smooth(str(src), "-o", str(out), "--calib", str(text), *CTX, "--alpha", "auto", "--mappings", "all",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["alphas"] == [None, None] and all(r["alpha"] is None for r in summary["layers"])
+    assert runner.invoke(app, ["quantize", str(src), str(plain), "--type", "Q8_0", "-q"]).exit_code == 0
+    with open_model(out) as a, open_model(plain) as b:
+        for name in a.tensors:
+            assert a.raw(name).tobytes() == b.raw(name).tobytes(), name
+    shown = smooth(str(src), "-o", str(tmp / "t.gguf"), "--calib", str(text), *CTX, "--alpha", "auto")
+    assert shown.exit_code == 0 and "as is" in shown.output
+    doc_path = tmp / "f32.json"
+    res = smooth(str(src), "-o", str(tmp / "f.gguf"), "--calib", str(text), *CTX, "--alpha", "auto", "--type", "F32",
+                 "--scales-out", str(doc_path))
+    assert res.exit_code == 0, res.output
+    for layer in json.loads(doc_path.read_text())["layers"]:
+        assert sorted(layer["alpha_grid_errors"]) == ["attn_norm->qkv", "ffn_norm->gate_up"]
+        assert all(len(v) == 21 for v in layer["alpha_grid_errors"].values())
+
+
 def test_problem_layers_are_named_and_kept_at_the_asked_type(setup):
     tmp, text = setup
     src = write_model(tmp / "m.gguf", "llama", n_layer=2)
