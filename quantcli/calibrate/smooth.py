@@ -413,7 +413,7 @@ class SmoothObserver(Observer, name="smooth"):
         first + 1, ... of the run (a shard of them on a cluster; LayerInputs.merge joins shards)."""
         rows = self.rows_[first:first + probe.n_chunks]
         act_max, sample = probe_inputs(il, probe, rows)
-        searched = self.alpha == "auto" and (self.activations != "token" or self.weight_types is not None)
+        searched = self.alpha == "auto" and self._block_search()
         heads = [probe.input(c) for c in range(probe.n_chunks) if searched and first + c < self.search_chunks]
         return LayerInputs(act_max, sample, heads)
 
@@ -450,21 +450,23 @@ class SmoothObserver(Observer, name="smooth"):
         res = self.result_
         a_max, w_max = self._maxima(weights, inputs)
         names = list(a_max)
-        if self.weight_types is not None:  # llama.cpp's kernels; NaN: the layer left as it is
-            block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
-            return {"block": np.array([self._ggml_block_error(il, weights, inputs, block_refs,
-                                                              self._scales(a_max, w_max, dict.fromkeys(names, a)))
-                                       for a in alphas], np.float32)}
-        if self.activations == "token":
+        if not self._block_search():
             refs = self._refs(weights, inputs.sample)
             errs = [self._errors(weights, inputs.sample, refs, self._scales(a_max, w_max, dict.fromkeys(names, a)),
                                  None) for a in alphas]
             return {m.name: np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
                     for m in res.mappings}
+        # llama.cpp's kernels (NaN: the layer left as it is), or the block as static W8A8
+        error = self._ggml_block_error if self.weight_types is not None else self._block_error
         block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
-        return {"block": np.array([self._block_error(il, weights, inputs, block_refs,
-                                                     self._scales(a_max, w_max, dict.fromkeys(names, a)))
+        return {"block": np.array([error(il, weights, inputs, block_refs,
+                                         self._scales(a_max, w_max, dict.fromkeys(names, a)))
                                    for a in alphas], np.float32)}
+
+    def _block_search(self) -> bool:
+        """Whether `--alpha auto` chooses one alpha per layer by the whole block's error (static
+        activations, or llama.cpp's kernels) rather than one per mapping by its linears' errors."""
+        return self.activations != "token" or self.weight_types is not None
 
     def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
                curves: dict[str, np.ndarray] | None = None) -> LayerSmoothing:
@@ -484,12 +486,10 @@ class SmoothObserver(Observer, name="smooth"):
         else:
             if curves is None:
                 curves = self.curves(il, weights, inputs, grid)
-            if self.weight_types is not None:  # the first minimum of the grid and "as it is" (NaN, last)
+            if self._block_search():  # the first minimum (for llama.cpp's kernels "as it is", NaN, is last)
                 alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
-            elif self.activations == "token":
-                alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
             else:
-                alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
+                alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
         s = self._scales(a_max, w_max, alphas)
         ones = {name: np.ones_like(v) for name, v in a_max.items()}
         before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones))
@@ -557,7 +557,7 @@ class SmoothObserver(Observer, name="smooth"):
         in its planned GGML type (decoded), its input rounded to that type's vec_dot_type (Q8_0 /
         Q8_K blocks), against the float block (`refs`) on the searched chunks: mean over tokens of
         ||dh||^2 / ||h||^2 of its output."""
-        from quantcli import codecs
+        from quantcli.calibrate.sensitivity import quantize_dequantize
 
         res, model = self.result_, self.model_
         w = {k: fold(k, v, s, res.mappings, res.config) for k, v in weights.items()}
@@ -567,8 +567,7 @@ class SmoothObserver(Observer, name="smooth"):
             name = f"blk.{il}.{k}.weight"
             t = self.weight_types.get(name, "F32")
             if k in w and t != "F32":
-                x = np.ascontiguousarray(w[k], np.float32)
-                w[k] = codecs.dequantize(codecs.quantize(x, t), t, x.shape)
+                w[k] = quantize_dequantize(np.ascontiguousarray(w[k], np.float32), t, None)
             sim.act_types[name] = activation_type(t)
         return _mean_relative_error([sim.layer(il, w, x) for x in inputs.heads], refs)
 
