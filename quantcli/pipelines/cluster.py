@@ -223,6 +223,13 @@ def blas_threads() -> int:
     return os.cpu_count() or 1
 
 
+def pinned(cluster: Cluster, threads: int) -> dict[str, Any]:
+    """Ray options for a task or actor whose matmuls must round as this process's do: `threads`
+    BLAS threads (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS) and as many CPUs, at most a node's."""
+    env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    return {"num_cpus": min(threads, cluster.node_cpus), "runtime_env": {"env_vars": env}}
+
+
 def imatrix_block_task(source: str, lora: tuple, chunks: Any, ctx: int, process_output: bool, kv_f16: bool,
                        act_quant: bool) -> dict:
     """One block of chunks through the whole model on a worker: its imatrix sums and counts."""
@@ -275,15 +282,13 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
                "lora": _adapters_key(lora), **versions()}
     store = CheckpointStore(options.checkpoint_dir, key, log) if options.checkpoint_dir is not None else None
     blocks = [chunks[i:i + calib.REDUCTION_BLOCK] for i in range(0, len(chunks), calib.REDUCTION_BLOCK)]
-    saved = {b for b in range(len(blocks)) if store is not None and store.get(f"block-{b}") is not None}
+    saved = {b: p for b in range(len(blocks)) if store is not None and (p := store.get(f"block-{b}")) is not None}
     if saved:
         log(f"resuming {len(saved)} of {len(blocks)} blocks from {store.dir}")  # type: ignore[union-attr]
     cluster = connect(address)
     try:
         check_inputs(cluster, [Path(source)] + [Path(a.path) for a in lora])
-        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-        task = cluster.remote(imatrix_block_task, num_cpus=min(threads, cluster.node_cpus),
-                              runtime_env={"env_vars": env})
+        task = cluster.remote(imatrix_block_task, **pinned(cluster, threads))
         name = str(Path(source).resolve())
         todo = [b for b in range(len(blocks)) if b not in saved]
         results = cluster.map_ordered(task, ((name, tuple(lora), blocks[b], options.ctx, options.process_output, options.kv_f16,
@@ -291,7 +296,7 @@ def imatrix(source: Path, text: str, options: Any, address: str, progress: Any =
         total = calib.Collector()
         for b in range(len(blocks)):
             if b in saved:
-                arrays = read_npz(store.get(f"block-{b}"))  # type: ignore[union-attr,arg-type]
+                arrays = read_npz(saved[b])  # checked (sha256) once, above
             else:
                 arrays = next(results)
                 if store is not None:
@@ -435,8 +440,9 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
     chunks in shards, one actor each holding its shard's hidden states; per layer every shard
     measures its inputs (SmoothObserver.gather), this process merges them in chunk order, decides
     alpha and the scales with the layer's weights (`--alpha auto`: the shards compute the search's
-    errors, a part of the alpha grid each), and the shards move on through the smoothed layer. Maxima merge exactly and rows join in chunk order, so the result is the local run's
-    for any number of workers. Layers decided are checkpointed here; returns the layers resumed."""
+    errors, a part of the alpha grid each), and the shards move on through the smoothed layer.
+    Maxima merge exactly and rows join in chunk order, so the result is the local run's for any
+    number of workers. Layers decided are checkpointed here; returns the layers resumed."""
     import time
 
     import numpy as np
@@ -461,9 +467,9 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
     cluster = connect(address)
     try:
         check_inputs(cluster, [Path(source)])
-        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-        cpus = min(threads, cluster.node_cpus)
-        actor = cluster.actor_class(SmoothShard, num_cpus=cpus, runtime_env={"env_vars": env})
+        options = pinned(cluster, threads)
+        cpus = options["num_cpus"]
+        actor = cluster.actor_class(SmoothShard, **options)
         n_shards = max(1, min(n_chunks, cluster.workers // cpus))
         name = str(Path(source).resolve())
         args = []
@@ -563,7 +569,7 @@ def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint
     pieces += [("tensor", il, short) for il in range(cfg.n_layer) for short in LINEARS
                if f"blk.{il}.{short}.weight" in model.reader.tensors]
     unit = {p: "-".join(map(str, p)) for p in pieces}
-    saved = {p for p in pieces if store is not None and store.get(unit[p]) is not None}
+    saved = {p: path for p in pieces if store is not None and (path := store.get(unit[p])) is not None}
     if saved:
         log(f"resuming {len(saved)} of {len(pieces)} pieces from {store.dir}")  # type: ignore[union-attr]
     hidden = model.embed(chunks)
@@ -571,9 +577,9 @@ def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint
     cluster = connect(address)
     try:
         check_inputs(cluster, [Path(source)] + [Path(a.path) for a in lora])
-        env = {"OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-        cpus = min(threads, cluster.node_cpus)
-        task = cluster.remote(sensitivity_task, num_cpus=cpus, runtime_env={"env_vars": env})
+        pin = pinned(cluster, threads)
+        cpus = pin["num_cpus"]
+        task = cluster.remote(sensitivity_task, **pin)
         options = dict(candidates=observer.candidates, references=observer.references,
                        positions=observer.n_positions, threads=cpus, vocab_slice=observer.vocab_slice,
                        top_k=observer.top_k)
@@ -601,7 +607,7 @@ def sensitivity(source: Path, model: Any, chunks: Any, observer: Any, checkpoint
         streams: dict[str, np.ndarray] = {}
         for i, p in enumerate(pieces):
             if p in saved:
-                data = read_npz(store.get(unit[p]))  # type: ignore[union-attr,arg-type]
+                data = read_npz(saved[p])  # checked (sha256) once, above
                 found = _unpack(str(data.pop("tensor")[0])) if "tensor" in data else None
                 order = [str(k) for k in data.pop("order")]
                 got = {k: data[f"s{j}"] for j, k in enumerate(order)}
