@@ -33,7 +33,7 @@ def _block(type_name: str) -> int:
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
 
 
-def _is_quantized(type_name: str) -> bool:
+def is_quantized(type_name: str) -> bool:
     """ggml_is_quantized; False for dtypes GGML has no type for (safetensors' U8, BOOL)."""
     return type_name in GGMLQuantizationType.__members__ and type_name not in _UNQUANTIZED
 
@@ -593,7 +593,7 @@ def _choose(qs: _State, info: TensorLike, model: _Model, preset: Preset, opts: P
         return done(ggml_type_name(opts.output_tensor_type), "--output-tensor-type")
 
     t = preset.default_type
-    if not _is_quantized(t):
+    if not is_quantized(t):
         return done(t, f"preset {preset.name}")
     reason = None
     for pattern, qtype, spec in patterns:
@@ -677,7 +677,7 @@ def _check(tensors: list, choices: list, order: list[int], preset: Preset, opts:
 def requantized(tensors: Sequence[TensorLike], choices: Sequence[TensorChoice]) -> list[TensorChoice]:
     """The choices llama-quantize refuses without --allow-requantize ("requantizing from type X is
     disabled"): a quantized input whose type changes. Kept tensors and same-type copies are fine."""
-    return [c for t, c in zip(tensors, choices) if c.type != str(t.dtype) and _is_quantized(str(t.dtype))]
+    return [c for t, c in zip(tensors, choices) if c.type != str(t.dtype) and is_quantized(str(t.dtype))]
 
 
 def fallback_count(choices: Sequence[TensorChoice]) -> int:

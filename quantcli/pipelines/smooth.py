@@ -175,9 +175,6 @@ def calibration_tokens(reader: Any, path: Path, ctx: int) -> np.ndarray:
     return tokens
 
 
-FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
-
-
 def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
     """For a GGUF output whose plan quantizes the block linears, with dynamic activations (what
     llama.cpp's kernels do: each input rounded in blocks), each linear's planned type: the
@@ -189,12 +186,13 @@ def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
     from quantcli.engine.model import LINEARS
     from quantcli.names import layer_of
     from quantcli.plan import PlanOptions, make_plan
+    from quantcli.presets import is_quantized
 
     plan = make_plan(reader, PlanOptions(preset=opts.type, allow_requantize=opts.allow_requantize,
                                          source=Path(opts.model)), has_imatrix=False)
     types = {p.info.name: p.type for p in plan.tensors
              if layer_of(p.info.name) is not None and p.info.name.split(".")[2] in LINEARS}
-    return types if set(types.values()) - FLOAT_TYPES else None
+    return types if any(is_quantized(t) for t in types.values()) else None
 
 
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
