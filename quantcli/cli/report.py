@@ -18,6 +18,18 @@ from quantcli.pipelines import imatrix_report
 from quantcli.pipelines import report as pipeline
 
 
+def _clipping_line(clip: dict, source: str) -> str:
+    """One line on what the static activation scales clipped on the evaluated text."""
+    where = {"recorded": "the file's recorded", "calib": "--calib's", "eval-text": "the eval text's own"}[source]
+    if not clip["linears_clipping"]:
+        return f"static scales ({where}): no input clipped on this text"
+    w = clip["worst"][0]
+    return (f"static scales ({where}): {clip['linears_clipping']} of {clip['linears']} linears clip some token's "
+            f"input on this text ({100 * clip['clipped_share']:.2f} % of token inputs, up to "
+            f"{clip['max_overshoot']:.1f}× a scale); furthest beyond: {w['linear']}, {w['clipped_tokens']} of "
+            f"{w['tokens']} tokens clipped")
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f}"
 
@@ -71,6 +83,9 @@ def render(rep: pipeline.Report, show_tensors: bool) -> None:
             line += (f"; vs base: KLD mean {ev['kld_mean']:.6f}, p99 {ev['kld_p99']:.6f}, "
                      f"top-1 agreement {100 * ev['top1_agreement']:.2f}%")
         out.print(line)
+        clip = ev.get("static_clipping")
+        if clip:
+            out.print(_clipping_line(clip, ev["static_scales_from"]))
     alloc = rep.allocation
     if alloc:
         out.print(f"automatic mix: target {alloc['target']}, estimated KLD {_kld(alloc['estimate_kld'])}")

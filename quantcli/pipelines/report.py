@@ -256,8 +256,9 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     or on the evaluation text's own chunks (the best case for static scales). Scales are measured
     by the static-scales observer on the unsimulated model, one extra pass over the layers. The
     linears a smoothed model kept at higher precision (`quantcli.smooth.kept`) run in float, as an
-    int8 engine runs the layers its config ignores."""
-    from quantcli.engine.w8a8 import W8A8
+    int8 engine runs the layers its config ignores. A static engine tallies what its scales clip
+    on the evaluated text (`W8A8.saturation`)."""
+    from quantcli.engine.w8a8 import W8A8, Saturation
     from quantcli.errors import UsageError
 
     if spec is None:
@@ -271,7 +272,7 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
         return W8A8("token", keep=keep), None
     recorded = recorded_input_max(reader.kv)
     if recorded is not None:
-        return W8A8("tensor", act_max=recorded, keep=keep), "recorded"
+        return W8A8("tensor", act_max=recorded, keep=keep, saturation=Saturation()), "recorded"
     from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
@@ -280,7 +281,8 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
                                                  parse_special=False)
     run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="static-scales"),
                           [make_observer("static-scales")], progress)
-    return W8A8("tensor", act_max=run.observers[0].result(), keep=keep), "calib" if calib is not None else "eval-text"
+    return (W8A8("tensor", act_max=run.observers[0].result(), keep=keep, saturation=Saturation()),
+            "calib" if calib is not None else "eval-text")
 
 
 def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str, Any]:
@@ -299,6 +301,7 @@ def evaluate(reader: ModelReader, opts: EvalOptions, progress=None) -> dict[str,
                         base=opts.base, progress=progress)
     return {"text": str(opts.text), "ctx": r.ctx, "chunks": r.chunks, "tokens": r.tokens,
             "simulate": opts.simulate, "static_scales_from": scales_from,
+            "static_clipping": sim.saturation.summary() if sim is not None and sim.saturation is not None else None,
             "perplexity": r.perplexity, "perplexity_error": r.perplexity_error,
             "running": list(r.running), "kld_mean": r.kld_mean, "kld_p99": r.kld_p99,
             "top1_agreement": r.top1_agreement, "base": str(opts.base) if opts.base else None,

@@ -99,7 +99,10 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
     ev = runner.invoke(app, ["report", str(out), "--json", "--eval-text", str(text), "--ctx", "64",
                              "--chunks", "2", "--simulate", "w8a8:tensor"])
     assert ev.exit_code == 0, ev.output
-    assert json.loads(ev.stdout)["evaluation"]["static_scales_from"] == "recorded"
+    got = json.loads(ev.stdout)["evaluation"]
+    assert got["static_scales_from"] == "recorded"
+    # the recorded scales' clipping on this text is tallied for every simulated linear
+    assert got["static_clipping"]["linears"] == 2 * 7 and 0 <= got["static_clipping"]["clipped_share"] < 1
 
 
 def test_auto_for_a_quantized_gguf_searches_llama_cpp_kernels(setup):

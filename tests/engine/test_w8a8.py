@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from quantcli.cli.app import app
 from quantcli.engine.model import LINEARS, Model, forward
 from quantcli.engine.perplexity import PerplexityOptions, evaluate
-from quantcli.engine.w8a8 import (W8A8, dequantize, fake_quant_activations, fake_quant_weight,
+from quantcli.engine.w8a8 import (W8A8, Saturation, dequantize, fake_quant_activations, fake_quant_weight,
                                   quantize_per_tensor, quantize_per_token, quantize_weight)
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import open_model
@@ -180,3 +180,69 @@ def test_report_simulate_through_the_cli(tmp_path):
     assert lonely.exit_code == 2 and "--simulate needs --eval-text" in lonely.output
     shown = runner.invoke(app, args[:2] + args[3:] + ["--simulate", "w8a8:tensor"])
     assert shown.exit_code == 0 and "perplexity as w8a8:tensor " in shown.output
+    # static scales (MSE-clipped, on the eval text itself) clip some tokens; the report says which
+    clip = found["w8a8:tensor"]["static_clipping"]
+    assert found["w8a8:token"]["static_clipping"] is None and clip["linears"] == 2 * len(LINEARS)
+    assert 0 < clip["linears_clipping"] <= clip["linears"] and 0 < clip["clipped_share"] < 1
+    worst = clip["worst"][0]
+    assert 0 < worst["clipped_tokens"] <= worst["tokens"] == 2 * 64 and worst["overshoot"] > 1
+    assert (f"static scales (the eval text's own): {clip['linears_clipping']} of {clip['linears']} linears clip"
+            in " ".join(shown.output.split()))
+
+
+def test_saturation_counts_the_tokens_the_static_kernel_clamps():
+    """A token is clipped exactly when rint(x / scale) of one of its values falls outside -128..127
+    (what vLLM's static kernel clamps), counted against a float64 reference, at the boundaries too."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((40, 16)) * 0.4).astype(np.float32)
+    x[30:] *= 4  # a few tokens well beyond the scale
+    amax = 2.0
+    scale = np.float32(np.float32(amax) / np.float32(127))
+    x[5, 3] = scale * np.float32(127.49)  # rounds to 127: held
+    x[6, 3] = scale * np.float32(127.51)  # rounds to 128: clamped
+    x[7, 3] = -scale * np.float32(128.49)  # -128: held (the negative rail is one step further)
+    x[8, 3] = -scale * np.float32(128.6)  # -129: clamped
+    sat = Saturation()
+    sat.add("blk.0.ffn_down.weight", x, amax)
+    sat.add("blk.0.ffn_down.weight", x[:10], amax)
+    q = np.rint(x.astype(np.float64) / float(scale))
+    ref = ((q > 127) | (q < -128)).any(axis=1)
+    assert not ref[5] and ref[6] and not ref[7] and ref[8]
+    assert sat.tokens["blk.0.ffn_down.weight"] == 50
+    assert sat.clipped["blk.0.ffn_down.weight"] == int(ref.sum() + ref[:10].sum())
+    assert sat.overshoot["blk.0.ffn_down.weight"] == pytest.approx(float(np.abs(x).max()) / amax, rel=1e-6)
+    # nothing beyond the scale: no token clipped; a scale of 0 clips every token that is not all zero
+    sat.add("blk.0.attn_q.weight", x, float(np.abs(x).max()))
+    zero = np.zeros((3, 4), np.float32)
+    zero[1, 2] = 0.5
+    sat.add("blk.0.attn_k.weight", zero, 0.0)
+    assert sat.clipped["blk.0.attn_q.weight"] == 0 and sat.clipped["blk.0.attn_k.weight"] == 1
+    got = sat.summary(worst=2)
+    assert got["linears"] == 3 and got["linears_clipping"] == 2 and got["max_overshoot"] == float("inf")
+    assert got["clipped_share"] == pytest.approx((sat.clipped["blk.0.ffn_down.weight"] + 1) / (50 + 40 + 3))
+    assert [w["linear"] for w in got["worst"]] == ["blk.0.attn_k.weight", "blk.0.ffn_down.weight"]  # by overshoot
+
+
+def test_saturation_through_the_model(tmp_path):
+    """Every block linear's input is tallied once per chunk; scales at the text's own maxima clip
+    nothing, halved ones clip, and the clipped tokens are those with a value beyond the scale."""
+    from quantcli.calibrate.absmax import AbsMaxObserver
+    from quantcli.calibrate.runner import RunOptions, run_calibration
+    from quantcli.engine.tokenizer import Tokenizer
+
+    path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
+    with open_model(path) as r:
+        tokens = Tokenizer.from_model(r).encode(TEXT, add_special=True, parse_special=False)
+        stats = run_calibration(Model(r), tokens, RunOptions(ctx=64, chunks=2), [AbsMaxObserver()]).observers[0].result()
+        amax = {k: float(v.max()) for k, v in stats.inputs.items()}
+        full, half = Saturation(), Saturation()
+        evaluate(r, TEXT, PerplexityOptions(ctx=64, chunks=2, simulate=W8A8("tensor", act_max=amax, saturation=full)))
+        evaluate(r, TEXT, PerplexityOptions(ctx=64, chunks=2, simulate=W8A8(
+            "tensor", act_max={k: v / 2 for k, v in amax.items()}, saturation=half)))
+    assert sorted(full.tokens) == sorted(amax) and len(amax) == 2 * len(LINEARS)
+    assert set(full.tokens.values()) == {2 * 64}
+    # layer 0's q/k/v read what the float calibration run saw (later inputs follow int8 layers)
+    first = [f"blk.0.{k}.weight" for k in ("attn_q", "attn_k", "attn_v")]
+    assert all(full.clipped[k] == 0 and full.overshoot[k] == pytest.approx(1.0, rel=1e-6) for k in first)
+    assert all(half.clipped[k] > 0 and half.overshoot[k] == pytest.approx(2.0, rel=1e-6) for k in first)
+    assert sum(half.clipped.values()) > sum(full.clipped.values())
