@@ -1,7 +1,7 @@
 """SmoothQuant on a real model: simulated W8A8 perplexity without and with smoothing.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/smooth.py [MODEL.gguf] [--text exodus.txt]
-        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--only token|tensor]
+        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 512] [--only token|tensor]
 
 MODEL defaults to $QUANTCLI_MODEL_CACHE/gemma3-270m-f32.gguf (the F32 base of Gemma 3 270M). Rows:
 the float model, then per activation mode (per-tensor static, per-token dynamic) the model without
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--calib", type=Path, default=TEXTS / "genesis.txt")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--calib-chunks", type=int, default=8)
+    ap.add_argument("--calib-chunks", type=int, default=512, help="at most this many chunks of --calib (smooth's default; Genesis holds 96)")
     ap.add_argument("--only", choices=("tensor", "token"), default=None)
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
@@ -52,11 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     modes = [args.only] if args.only else ["tensor", "token"]
     alphas = [a if a == "auto" else float(a) for a in args.alphas.split(",")]
-    print(f"model {args.model.name}; eval {args.text.name}, ctx {args.ctx}, {args.chunks} chunks; "
-          f"smoothing calibrated on {args.calib.name}, {args.calib_chunks} chunks", flush=True)
-
     with open_model(args.model) as reader:
         calib = Tokenizer.from_model(reader).encode(args.calib.read_text(), add_special=True, parse_special=False)
+        print(f"model {args.model.name}; eval {args.text.name}, ctx {args.ctx}, {args.chunks} chunks; smoothing "
+              f"calibrated on {args.calib.name}, {min(args.calib_chunks, len(calib) // args.ctx)} chunks", flush=True)
         run = RunOptions(ctx=args.ctx, chunks=args.calib_chunks)
 
         text = args.text.read_bytes().decode("utf-8")
