@@ -18,13 +18,13 @@ uses. Each evaluation is llama-perplexity's method (ctx, second half scored) thr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._util import smoothing_args  # noqa: E402
 from quantcli.calibrate.runner import RunOptions, run_calibration  # noqa: E402
 from quantcli.calibrate.smooth import SmoothedReader, StaticScaleObserver, smooth_model  # noqa: E402
 from quantcli.engine.model import Model  # noqa: E402
@@ -33,18 +33,10 @@ from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
 from quantcli.engine.w8a8 import W8A8  # noqa: E402
 from quantcli.formats import open_model  # noqa: E402
 
-TEXTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "text"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cache = Path(os.environ.get("QUANTCLI_MODEL_CACHE", "/tmp/qc/models"))
-    ap.add_argument("model", type=Path, nargs="?", default=cache / "gemma3-270m-f32.gguf")
-    ap.add_argument("--text", type=Path, default=TEXTS / "exodus.txt")
-    ap.add_argument("--calib", type=Path, default=TEXTS / "genesis.txt")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--calib-chunks", type=int, default=512, help="at most this many chunks of --calib (smooth's default; Genesis holds 96)")
+    smoothing_args(ap)
     ap.add_argument("--only", choices=("tensor", "token"), default=None)
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")

@@ -21,13 +21,13 @@ simulation's `Saturation` it also gives the share of token inputs clipped and th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._util import smoothing_args  # noqa: E402
 from quantcli.calibrate.runner import RunOptions  # noqa: E402
 from quantcli.calibrate.smooth import SmoothedReader, smooth_model  # noqa: E402
 from quantcli.engine.model import Model  # noqa: E402
@@ -35,21 +35,13 @@ from quantcli.engine.perplexity import PerplexityOptions, evaluate  # noqa: E402
 from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
 from quantcli.engine.w8a8 import W8A8, Saturation  # noqa: E402
 from quantcli.formats import open_model  # noqa: E402
-
-TEXTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "text"
 INPUTS = {"q/k/v": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
           "gate/up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cache = Path(os.environ.get("QUANTCLI_MODEL_CACHE", "/tmp/qc/models"))
-    ap.add_argument("model", type=Path, nargs="?", default=cache / "gemma3-270m-f32.gguf")
-    ap.add_argument("--text", type=Path, default=TEXTS / "exodus.txt")
-    ap.add_argument("--calib", type=Path, default=TEXTS / "genesis.txt")
-    ap.add_argument("--calib-chunks", type=int, default=512)
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=8)
+    smoothing_args(ap)
     ap.add_argument("--alpha", default="auto")
     ap.add_argument("--per-layer", action="store_true", help="also each layer's ffn_down alone in float")
     args = ap.parse_args()
