@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from quantcli.errors import Interrupted, QuantcliError
+from quantcli.formats.atomic import remove_stray_temps
 from quantcli.progress import Progress as Step
 
 out = Console(highlight=False, soft_wrap=True)
@@ -39,6 +40,7 @@ def boundary(fn: F) -> F:
         except QuantcliError as exc:
             raise typer.Exit(report_error(exc)) from None
         except KeyboardInterrupt:
+            remove_stray_temps()  # a Ctrl-C between a temp file's creation and its cleanup's reach
             raise typer.Exit(report_error(Interrupted("interrupted; no output was written"))) from None
         except MemoryError:
             err.print("[bold red]error:[/] out of memory")

@@ -7,8 +7,10 @@ import errno
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -40,20 +42,56 @@ def describe(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+_LIVE: set[str] = set()  # temp files made and not yet renamed or removed (see remove_stray_temps)
+
+
 def create_temp(out: Path) -> tuple[int, str]:
-    """A new file beside `out` (`.NAME.tmp-XXXX`, normal permissions): (fd, path)."""
+    """A new file beside `out` (`.NAME.tmp-XXXX`, normal permissions): (fd, path). A Ctrl-C while
+    it is made is held until the file is known (and then it is removed); the file stays listed for
+    `remove_stray_temps` until it is renamed or removed."""
     out = Path(out)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-    except BaseException:  # Ctrl-C here would leave a file nobody knows of
-        os.close(fd)
-        _remove(tmp)
-        raise
+    with _sigint_held() as interrupted:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot create a file in {out.parent}: {describe(exc)}") from None
+        _LIVE.add(tmp)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        except BaseException:
+            os.close(fd)
+            _remove(tmp)
+            raise
+        if interrupted:
+            os.close(fd)
+            _remove(tmp)
     return fd, tmp
+
+
+def remove_stray_temps() -> None:
+    """Remove the temp files this process made and did not finish: what a Ctrl-C that came between
+    a temp file's creation and the code that cleans it up would leave (the CLI calls it)."""
+    for tmp in sorted(_LIVE):
+        _remove(tmp)
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[list[int]]:
+    """Hold a SIGINT that arrives inside the block and raise it (KeyboardInterrupt, as Python's
+    default handler does) when the block ends; the block sees the list non-empty when one came.
+    Only in the main thread with Python's default handler installed; otherwise nothing changes."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield held
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def publish(done: Path, out: Path, durable: bool = True) -> None:
@@ -62,12 +100,13 @@ def publish(done: Path, out: Path, durable: bool = True) -> None:
     out = Path(out)
     try:
         os.replace(done, out)
+        _LIVE.discard(str(done))
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise OutputError(f"{out}: cannot move the finished file into place: {describe(exc)}") from None
         with atomic_write(out, durable) as dst, open(done, "rb") as src:
             shutil.copyfileobj(src, dst, 16 << 20)
-        os.unlink(done)
+        _remove(str(done))
         return
     if durable:
         fsync_dir(out.parent)
@@ -98,6 +137,7 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, out)
+        _LIVE.discard(tmp)
     except OSError as exc:
         _remove(tmp)
         raise OutputError(f"{out}: write failed: {describe(exc)}") from None
@@ -160,6 +200,12 @@ def _umask() -> int:
     return mask
 
 
+def remove_temp(path: str) -> None:
+    """Remove a temp file of `create_temp` that will not be published (a missing one is fine)."""
+    _remove(path)
+
+
 def _remove(path: str) -> None:
+    _LIVE.discard(path)
     with contextlib.suppress(OSError):
         os.unlink(path)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from quantcli.errors import OutputError, UsageError
-from quantcli.formats.atomic import create_temp, describe, publish, start_writeback
+from quantcli.formats.atomic import create_temp, describe, publish, remove_temp, start_writeback
 from quantcli.registry import register
 
 _WRITERS: dict[str, type["Writer"]] = {}
@@ -179,10 +179,7 @@ class Writer:
             os.close(self.fd)
             self.fd = -1
         if self._partial is None:
-            try:
-                os.unlink(self.file)
-            except OSError:
-                pass
+            remove_temp(str(self.file))
 
     def __enter__(self) -> "Writer":
         return self

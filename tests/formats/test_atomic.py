@@ -50,3 +50,35 @@ def test_missing_directory_is_an_output_error(tmp_path):
     with pytest.raises(OutputError, match="cannot create a file"):
         with atomic.atomic_write(tmp_path / "nope" / "o.bin"):
             pass
+
+
+def test_ctrl_c_while_a_temp_file_is_made_removes_it(tmp_path, monkeypatch):
+    """A SIGINT between mkstemp's open and the caller's cleanup is held, the file removed, and
+    KeyboardInterrupt raised once the file is known."""
+    import signal
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def interrupted(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before mkstemp's caller has the name
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_write(tmp_path / "out.bin") as fh:
+            fh.write(b"never")
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stray_temps_are_removed_and_published_ones_forgotten(tmp_path):
+    fd, stray = atomic.create_temp(tmp_path / "a.bin")
+    os.close(fd)
+    fd, done = atomic.create_temp(tmp_path / "b.bin")
+    os.close(fd)
+    atomic.publish(tmp_path / os.path.basename(done), tmp_path / "b.bin", durable=False)
+    atomic.remove_stray_temps()  # what the CLI does on Ctrl-C
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin"]
+    assert stray not in atomic._LIVE and done not in atomic._LIVE
