@@ -1,7 +1,7 @@
 """SmoothQuant on a real model: simulated W8A8 perplexity without and with smoothing.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/smooth.py [MODEL.gguf] [--text exodus.txt]
-        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 512] [--only token|tensor]
+        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 512] [--only token|tensor] [--gptq]
 
 MODEL defaults to $QUANTCLI_MODEL_CACHE/gemma3-270m-f32.gguf (the F32 base of Gemma 3 270M). Rows:
 the float model, then per activation mode (per-tensor static, per-token dynamic) the model without
@@ -12,12 +12,15 @@ activation scales come from the calibration text too, MSE-clipped (`--static-sca
 maxima): for a smoothed model those `quantcli smooth` records, for the plain one those the
 static-scales observer gives, which is what `quantcli report --simulate w8a8:tensor --calib TEXT`
 uses. Each evaluation is llama-perplexity's method (ctx, second half scored) through
-`quantcli.engine.perplexity.evaluate`.
+`quantcli.engine.perplexity.evaluate`. With `--gptq`, every smoothed row is also scored with its
+int8 weights rounded by GPTQ on the same calibration pass (what `smooth --format compressed-tensors
+--gptq` writes), in a row of its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._util import smoothing_args  # noqa: E402
 from quantcli.calibrate.runner import RunOptions, run_calibration  # noqa: E402
-from quantcli.calibrate.smooth import SmoothedReader, StaticScaleObserver, smooth_model  # noqa: E402
+from quantcli.calibrate.gptq import GPTQObserver  # noqa: E402
+from quantcli.calibrate.smooth import SmoothedReader, SmoothObserver, StaticScaleObserver  # noqa: E402
 from quantcli.engine.model import Model  # noqa: E402
 from quantcli.engine.perplexity import PerplexityOptions, evaluate  # noqa: E402
 from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
@@ -41,6 +45,7 @@ def main() -> None:
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
     ap.add_argument("--static-scales", choices=("mse", "max"), default="mse")
+    ap.add_argument("--gptq", action="store_true", help="also score each smoothed model with GPTQ's int8 weights")
     args = ap.parse_args()
     modes = [args.only] if args.only else ["tensor", "token"]
     alphas = [a if a == "auto" else float(a) for a in args.alphas.split(",")]
@@ -77,9 +82,12 @@ def main() -> None:
                     t0 = time.perf_counter()
                     key = (maps, alpha if alpha != "auto" else f"auto-{mode}")
                     if key not in smoothed:
-                        smoothed[key] = smooth_model(Model(reader), calib, run, alpha=alpha, mappings=maps,
-                                                     activations=mode, static_scales=args.static_scales)
-                    res = smoothed[key]
+                        observers = [SmoothObserver(alpha=alpha, mappings=maps, activations=mode,
+                                                    static_scales=args.static_scales)]
+                        observers += [GPTQObserver()] if args.gptq else []
+                        run_calibration(Model(reader), calib, dataclasses.replace(run, kind="smooth"), observers)
+                        smoothed[key] = [o.result() for o in observers]
+                    res, *gptq = smoothed[key]
                     p = ppl(SmoothedReader(reader, res), engine(mode, res.static_max()))
                     chosen = " ".join("/".join(f"{layer.alpha_of(m):.2f}" for m in res.mappings)
                                       if len(set(layer.alphas.values())) > 1 else f"{layer.alpha:.2f}"
@@ -87,6 +95,15 @@ def main() -> None:
                     rows.append((mode, maps, alpha, p, chosen))
                     print(f"{f'W8A8 {mode}, {maps}, a={alpha}':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
                           f"({time.perf_counter() - t0:.0f} s) {chosen}", flush=True)
+                    if gptq:
+                        g = gptq[0]
+                        sim = dataclasses.replace(engine(mode, res.static_max()), rounded=g.weights)
+                        p = ppl(SmoothedReader(reader, res), sim)
+                        rows.append((mode, maps, f"{alpha}, GPTQ", p, ""))
+                        summ = g.summary()
+                        print(f"{f'W8A8 {mode}, {maps}, a={alpha}, GPTQ':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %"
+                              f"   (weights' output error {summ['error_rtn']:.4g} -> {summ['error_gptq']:.4g})",
+                              flush=True)
 
     print(f"\n| activations | mappings | alpha | perplexity | vs F32 ({base:.4f}) |")
     print("|---|---|---|---|---|")

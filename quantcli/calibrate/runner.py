@@ -161,6 +161,7 @@ def observer_names() -> list[str]:
 
 def _load_observers() -> None:
     import quantcli.calibrate.absmax  # noqa: F401  (registers "absmax")
+    import quantcli.calibrate.gptq  # noqa: F401  (registers "gptq")
     import quantcli.calibrate.imatrix  # noqa: F401  (registers "imatrix")
     import quantcli.calibrate.sensitivity  # noqa: F401  (registers "sensitivity")
     import quantcli.calibrate.smooth  # noqa: F401  (registers "smooth")

@@ -40,6 +40,11 @@ def render(result: pipeline.SmoothRunResult) -> None:
                   f"{p.linears[worst]:.2e} (outlier ratio left: {escape(ratios)}); {escape(p.remedy)}")
     if result.kept:
         err.print(f"kept {len(result.kept)} linear(s) of the problem layers unquantized-to-int8")
+    if result.gptq is not None:
+        g = result.gptq
+        err.print(f"GPTQ rounded {g['linears']} linear(s): their weights' output error on the calibration "
+                  f"text {g['error_rtn']:.4g} (round to nearest) -> {g['error_gptq']:.4g} "
+                  f"({100 * g['reduction']:.0f} % less)")
 
 
 @app.command()
@@ -65,6 +70,8 @@ def smooth(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Layer checkpoints (default: OUT.checkpoints)."),
     keep_checkpoints: bool = typer.Option(False, "--keep-checkpoints", help="Keep checkpoints after success."),
     threads: int = typer.Option(0, "--threads", "-j", help="Quantization threads (0: all cores)."),
+    gptq: bool = typer.Option(False, "--gptq", help="compressed-tensors: round the int8 weights with GPTQ "
+                              "on the calibration inputs, not to nearest."),
     ray: bool = typer.Option(False, "--ray", help="Gather the statistics on a Ray cluster ($RAY_ADDRESS's, else one "
                              "started on this machine); the model must be on storage every worker sees."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="The cluster for --ray: auto, "
@@ -79,7 +86,7 @@ def smooth(
         format=fmt, type=preset, activations=activations, static_scales=static_scales, scales_out=scales_out, plot=plot,
         keep_problem_layers=keep_problem_layers, problem_error=problem_error, tokenizer=tokenizer,
         allow_requantize=allow_requantize, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
-        threads=threads, force=force, ray=ray_option(ray, ray_address))
+        threads=threads, force=force, ray=ray_option(ray, ray_address), gptq=gptq)
 
     def warn(msg: str) -> None:
         if not quiet and not as_json:

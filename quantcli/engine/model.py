@@ -85,7 +85,7 @@ class Model:
                 w[short] = self.reader.load_f32(name)
                 self.reader.release(name)  # its stored bytes are decoded: drop their mapped pages
                 if self.simulate is not None and short in LINEARS and self.simulate.int8(name):
-                    w[short] = self.simulate.weight(w[short])
+                    w[short] = self.simulate.weight(w[short], name)
         for short in _BIASES:
             name = f"blk.{il}.{short}.bias"
             if name in names:

@@ -133,6 +133,9 @@ class W8A8:
     act_max: Mapping[str, float] | None = field(default=None, compare=False, repr=False)  # weight name -> max|x|
     keep: frozenset[str] = frozenset()  # weight names the engine runs in float (a smoothed model's kept linears)
     saturation: Saturation | None = field(default=None, compare=False, repr=False)  # static: tally clipping
+    # weight name -> (q int8 [out, in], scale float32 [out]) rounded another way than to nearest
+    # (GPTQ, calibrate/gptq.py): the engine holds those as they are
+    rounded: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,8 +148,14 @@ class W8A8:
         """Whether the engine runs the linear with weight `name` as W8A8 (not one it keeps in float)."""
         return name not in self.keep
 
-    def weight(self, w: np.ndarray) -> np.ndarray:
-        """A block linear's weight [n_out, n_in] as the int8 engine holds it (dequantized)."""
+    def weight(self, w: np.ndarray, name: str | None = None) -> np.ndarray:
+        """A block linear's weight [n_out, n_in] as the int8 engine holds it (dequantized): rounded
+        to nearest, or as `rounded` holds weight `name`."""
+        if self.rounded is not None and name in self.rounded:
+            q, scale = self.rounded[name]
+            if q.shape != w.shape:
+                raise InputError(f"{name}: the rounded int8 weight is {q.shape}, the model's {w.shape}")
+            return dequantize(q, np.asarray(scale, np.float32))
         return fake_quant_weight(w)
 
     def activations(self, name: str, x: np.ndarray) -> np.ndarray:

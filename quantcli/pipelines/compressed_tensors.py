@@ -148,10 +148,13 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
                              input_max: Mapping[str, float] | None = None, source_config: dict | None = None,
                              tokenizer_dir: Path | None = None, metadata: Mapping[str, str] | None = None,
                              force: bool = False, progress: ProgressFn | None = None,
-                             shard_bytes: int = 5 * 2**30, scheme: str = "W8A8") -> CTResult:
+                             shard_bytes: int = 5 * 2**30, scheme: str = "W8A8",
+                             int8: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> CTResult:
     """Write `reader`'s model to `out_dir` (see the module's docstring). `linears`: GGUF names of the
     block linears to quantize; `input_max`: max|x| of each one's input (W8A8 static activations only);
-    `source_config`: the source directory's config.json (None: made from the GGUF metadata)."""
+    `source_config`: the source directory's config.json (None: made from the GGUF metadata);
+    `int8`: W8A8 weights already rounded (GGUF name -> (q int8 [out, in], scale float32 [out]), GGUF
+    row order; calibrate/gptq.py), written as they are instead of rounding the reader's to nearest."""
     step = progress_or_noop(progress)
     if scheme not in SCHEMES:
         raise UsageError(f"unknown scheme '{scheme}'; known: {', '.join(SCHEMES)}")
@@ -180,7 +183,7 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
 
     tmp = _temp_dir(out)
     try:
-        files = _write_weights(reader, layout, jobs, scales, tmp, metadata or {}, shard_bytes, step)
+        files = _write_weights(reader, layout, jobs, scales, tmp, metadata or {}, shard_bytes, step, int8 or {})
         _write_json(tmp / "config.json", config)
         files.append("config.json")
         copied, why = _copy_tokenizer(reader, tokenizer_dir, tmp)
@@ -323,7 +326,8 @@ def _shards(jobs: list[_Job], limit: int) -> list[list[_Job]]:
 
 
 def _write_weights(reader: Any, layout: HFLayout, jobs: list[_Job], scales: Mapping[str, np.float32],
-                   tmp: Path, metadata: Mapping[str, str], shard_bytes: int, step: ProgressFn) -> list[str]:
+                   tmp: Path, metadata: Mapping[str, str], shard_bytes: int, step: ProgressFn,
+                   int8: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:
     shards = _shards(jobs, shard_bytes)
     names = [SINGLE_NAME] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                     for i in range(len(shards))]
@@ -334,7 +338,7 @@ def _write_weights(reader: Any, layout: HFLayout, jobs: list[_Job], scales: Mapp
         specs = [s for job in shard for s in job.specs]
         with create_writer("safetensors", tmp / fname, header, specs) as writer:
             for job in shard:
-                for name, data in _tensors(reader, layout, job, scales):
+                for name, data in _tensors(reader, layout, job, scales, int8.get(job.source)):
                     writer.write(name, data)
                     weight_map[name] = fname
                 done, n = done + job.nbytes, n + 1
@@ -346,8 +350,17 @@ def _write_weights(reader: Any, layout: HFLayout, jobs: list[_Job], scales: Mapp
     return names + [INDEX_NAME]
 
 
-def _tensors(reader: Any, layout: HFLayout, job: _Job, scales: Mapping[str, np.float32]) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, data) of one job's tensors, in its specs' order."""
+def _tensors(reader: Any, layout: HFLayout, job: _Job, scales: Mapping[str, np.float32],
+             rounded: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, data) of one job's tensors, in its specs' order; `rounded`: the job's int8 weight
+    and scales as given (GGUF rows), for a W8A8 linear."""
+    if rounded is not None and job.quantized and not job.specs[0].name.endswith(".weight_packed"):
+        q, scale = rounded
+        yield job.specs[0].name, layout.to_hf(job.source, q).astype(np.int8)  # small integers: exact
+        yield job.specs[1].name, layout.to_hf(job.source, np.asarray(scale, np.float32).reshape(-1, 1))
+        if len(job.specs) == 3:
+            yield job.specs[2].name, np.array([scales[job.source]], np.float32)
+        return
     x = layout.to_hf(job.source, reader.load_f32(job.source))
     if not job.quantized:
         spec = job.specs[0]

@@ -72,6 +72,7 @@ class SmoothOptions:
     threads: int = 0
     force: bool = False
     ray: str | None = None  # the statistics on a Ray cluster: "default", "auto" or "ray://host:port" (cluster.py)
+    gptq: bool = False  # compressed-tensors: round the int8 weights with GPTQ (calibrate/gptq.py), not to nearest
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class SmoothRunResult:
     calibration_seconds: float
     resumed_layers: int
     warnings: list[str] = field(default_factory=list)
+    gptq: dict[str, Any] | None = None  # GPTQResult.summary(): linears, error_rtn, error_gptq, reduction
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SUMMARY_SCHEMA, "output": str(self.output), "format": self.format,
@@ -112,7 +114,7 @@ class SmoothRunResult:
                               "remedy": p.remedy} for p in self.problems],
                 "kept": self.kept, "bytes": self.bytes, "seconds": round(self.seconds, 3),
                 "calibration_seconds": round(self.calibration_seconds, 3),
-                "resumed_layers": self.resumed_layers, "warnings": self.warnings}
+                "resumed_layers": self.resumed_layers, "gptq": self.gptq, "warnings": self.warnings}
 
 
 def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | str:
@@ -137,6 +139,13 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError(f"the problem-layer threshold must be positive, got {opts.problem_error}")
     if opts.format == "gguf":
         get_preset(opts.type)
+    if opts.gptq and opts.format != "compressed-tensors":
+        raise UsageError("--gptq rounds the int8 per-channel weights of --format compressed-tensors; "
+                         "a GGUF's types are rounded by ggml's own codecs",
+                         hint="add --format compressed-tensors, or drop --gptq")
+    if opts.gptq and opts.ray is not None:
+        raise UsageError("--gptq rounds each layer where its inputs' statistics are gathered, on one "
+                         "machine: drop --ray or --gptq")
     if opts.keep_problem_layers is not None:
         ggml_type_name(opts.keep_problem_layers, "--keep-problem-layers type")
         if opts.format == "compressed-tensors" and opts.keep_problem_layers.upper() not in ("F16", "BF16", "F32"):
@@ -289,6 +298,7 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
         "smooth.calibration.chunks": n_chunks,
         "smooth.calibration.ctx": opts.ctx,
         "smooth.kept": kept or None,
+        "smooth.weights": "gptq" if opts.gptq else "rtn",
         "smooth.keep_type": opts.keep_problem_layers.upper() if kept and opts.keep_problem_layers else None,
         "smooth.input_max.names": names,
         "smooth.input_max.values": np.array([act_max[n] for n in names], "<f4"),
@@ -326,6 +336,7 @@ def recorded_input_max(kv: dict[str, Any]) -> dict[str, float] | None:
 
 def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         warn: Callable[[str], None] | None = None) -> SmoothRunResult:
+    from quantcli.calibrate.gptq import GPTQObserver
     from quantcli.calibrate.runner import RunOptions, run_calibration
     from quantcli.calibrate.smooth import SmoothedReader, SmoothObserver, mappings_for
     from quantcli.engine.model import Model, LINEARS
@@ -353,14 +364,17 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
                              static_scales=opts.static_scales,
                              weight_types=gguf_types(reader, opts) if alpha == "auto" else None)  # see gguf_types
+        gptq_obs = GPTQObserver() if opts.gptq else None  # after obs: it sees the layer as obs folded it
         if opts.ray is not None:  # the same statistics from shards of the chunks on a Ray cluster
             from quantcli.calibrate.runner import make_chunks
 
             resumed = cluster.smooth(opts.model, model, make_chunks(model, tokens, run_opts), obs,
                                      run_opts.checkpoint_dir, opts.ray, progress, warn_)
         else:
-            resumed = run_calibration(model, tokens, run_opts, [obs], progress, warn_).resumed_layers
+            observers = [obs] + ([gptq_obs] if gptq_obs is not None else [])
+            resumed = run_calibration(model, tokens, run_opts, observers, progress, warn_).resumed_layers
         result = obs.result()
+        gptq = gptq_obs.result() if gptq_obs is not None else None
         calibration_seconds = time.perf_counter() - t0
         problems = problems_of(result, opts.problem_error, opts, alpha)
         kept = sorted(n for p in problems for n in p.linears) if opts.keep_problem_layers else []
@@ -372,7 +386,9 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
             linears = [f"blk.{il}.{short}.weight" for il in range(model.config.n_layer) for short in LINEARS
                        if f"blk.{il}.{short}.weight" in reader.tensors]
             nbytes = _write_compressed_tensors(opts, reader, smoothed, meta, [n for n in linears if n not in kept],
-                                               result.static_max() or result.act_max(), progress, warn_)
+                                               result.static_max() or result.act_max(), progress, warn_,
+                                               gptq.weights if gptq is not None else None,
+                                               _first_date(ckpt, reader, opts, calib_sha, warn_))
     rows = layer_rows(result)
     doc = scales_json(result, opts, calib_sha, problems, rows) if opts.scales_out or opts.plot else None
     if opts.scales_out is not None:
@@ -393,7 +409,17 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         mappings=[m.name for m in result.mappings], activations=opts.activations, chunks=n_chunks,
         tokens=n_chunks * opts.ctx, layers=rows, problems=problems, kept=kept, bytes=nbytes,
         seconds=time.perf_counter() - start, calibration_seconds=calibration_seconds,
-        resumed_layers=resumed, warnings=warnings)
+        resumed_layers=resumed, warnings=warnings,
+        gptq=_gptq_summary(gptq, kept) if gptq is not None else None)
+
+
+def _gptq_summary(gptq: Any, kept: list[str]) -> dict[str, Any]:
+    """GPTQ's output errors against RTN's over the linears written as int8 (not the kept ones)."""
+    from quantcli.calibrate.gptq import GPTQResult
+
+    written = GPTQResult({n: w for n, w in gptq.weights.items() if n not in kept},
+                         {n: e for n, e in gptq.errors.items() if n not in kept})
+    return written.summary()
 
 
 def _write_gguf(opts: SmoothOptions, smoothed: Any, meta: dict[str, Any], kept: list[str], ckpt: Path,
@@ -412,22 +438,41 @@ def _write_gguf(opts: SmoothOptions, smoothed: Any, meta: dict[str, Any], kept: 
 
 def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, meta: dict[str, Any],
                               linears: list[str], input_max: dict[str, float], progress: ProgressFn | None,
-                              warn: Callable[[str], None]) -> int:
+                              warn: Callable[[str], None], int8: dict[str, Any] | None = None,
+                              date: str | None = None) -> int:
     from quantcli.pipelines.common import provenance, source_sha256
     from quantcli.pipelines.compressed_tensors import config_of_source, write_compressed_tensors
 
     header = {"quantcli.smooth": json.dumps({k[len("smooth."):]: _plain(v) for k, v in meta.items()
                                              if not k.startswith(("smooth.input_max", "smooth.static_max"))})}
-    header.update({k: str(v) for k, v in provenance(reader, source_sha256(reader)).items()})
+    header.update({k: str(v) for k, v in provenance(reader, source_sha256(reader), date).items()})
     model = Path(opts.model)
     tokenizer = opts.tokenizer or (model if model.is_dir() else None)
     res = write_compressed_tensors(
         smoothed, Path(opts.output), linears=linears, activations=opts.activations, input_max=input_max,
         source_config=config_of_source(reader), tokenizer_dir=tokenizer, metadata=header,
-        force=opts.force, progress=progress)
+        force=opts.force, progress=progress, int8=int8)
     for w in res.warnings:
         warn(w)
     return res.bytes
+
+
+def _first_date(ckpt: Path, reader: Any, opts: SmoothOptions, calib_sha: str,
+                warn: Callable[[str], None]) -> str:
+    """The run's `quantcli.date`, kept with the checkpoints: a resumed run writes the bytes the
+    first would have (the GGUF path keeps it in the quantize pipeline's checkpoints)."""
+    from dataclasses import asdict
+
+    from quantcli.checkpoint import CheckpointStore, key_json
+    from quantcli.pipelines.common import run_date, source_sha256
+
+    options = {k: v for k, v in asdict(opts).items() if k not in ("force", "checkpoint_dir", "keep_checkpoints")}
+    key = {"kind": "smooth-output", "source": source_sha256(reader), "calib": calib_sha, "options": key_json(options)}
+    store = CheckpointStore(ckpt / "output", key, warn)
+    date = store.extra.get("date") or run_date()
+    if store.extra.get("date") != date:
+        store.set_extra(date=date)
+    return date
 
 
 def _plain(v: Any) -> Any:

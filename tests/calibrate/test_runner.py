@@ -44,7 +44,7 @@ def _chunks(n_chunks: int, ctx: int, seed: int = 0) -> np.ndarray:
 def test_registry_lists_the_observers_and_refuses_duplicates():
     assert {"imatrix", "absmax"} <= set(observer_names())
     assert isinstance(make_observer("absmax", outputs=True), AbsMaxObserver)
-    with pytest.raises(UsageError, match="unknown observer 'nope'; known: absmax, imatrix"):
+    with pytest.raises(UsageError, match="unknown observer 'nope'; known: absmax, gptq, imatrix"):
         make_observer("nope")
     with pytest.raises(TypeError, match="observer 'absmax' is registered twice"):
         class Again(Observer, name="absmax"):
