@@ -45,12 +45,14 @@ def output_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, h: np.ndarray)
 
 
 def gptq_int8(w: np.ndarray, h: np.ndarray, block: int = BLOCK, damp: float = DAMP,
-              act_order: bool = True, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+              act_order: bool = False, name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """w [n_out, n_in] float, h [n_in, n_in] the input's second moment -> (q int8, scale float32
     [n_out]) on RTN's per-channel grid. Channels whose input is always zero (H's diagonal 0) are
     rounded to nearest and carry no error on. `act_order`: the columns are rounded by decreasing
     H_jj, the loudest inputs first, while the most columns are left to take up their error (with
-    one scale per channel, the order changes nothing else)."""
+    one scale per channel, the order changes nothing else). It is off: where a few tokens' massive
+    activations make most of H (the BOS token of Gemma 3), it fits the rounding to those tokens —
+    measured on Gemma 3 270M, per-token W8A8 9.3043 with it against 9.2332 without (RTN 9.2940)."""
     w = np.asarray(w, np.float32)
     n_out, n_in = w.shape
     if h.shape != (n_in, n_in):

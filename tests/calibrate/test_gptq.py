@@ -49,7 +49,7 @@ def test_lazy_batches_equal_the_column_by_column_algorithm_and_keep_the_grid():
     x = correlated(2000, 96)
     w = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
     h = x.T.astype(np.float64) @ x / len(x)
-    q, scale = gptq_int8(w, h, block=32, act_order=False)
+    q, scale = gptq_int8(w, h, block=32)
     ref = gptq_columns(w, h)
     assert q.dtype == np.int8 and np.abs(q.astype(np.int32)).max() <= 127
     assert np.mean(q != ref) < 1e-3 and np.abs(q.astype(np.int32) - ref).max() <= 1  # float ties at most
@@ -66,9 +66,9 @@ def test_act_order_rounds_the_loudest_inputs_first():
     order = np.argsort(-(np.diag(h) + 0.01 * np.mean(np.diag(h))), kind="stable")
     ref = np.empty((24, 64), np.int8)
     ref[:, order] = gptq_columns(w[:, order], h[np.ix_(order, order)])
-    q, scale = gptq_int8(w, h, block=16)
+    q, scale = gptq_int8(w, h, block=16, act_order=True)
     assert np.mean(q != ref) < 1e-3 and np.abs(q.astype(np.int32) - ref).max() <= 1
-    plain = gptq_int8(w, h, block=16, act_order=False)[0]
+    plain = gptq_int8(w, h, block=16)[0]
     assert (plain != q).any()
     q0 = quantize_weight(w)[0]
     assert output_error(w, q, scale, h) < output_error(w, q0, scale, h)
