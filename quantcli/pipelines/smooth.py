@@ -298,7 +298,7 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
         "smooth.calibration.chunks": n_chunks,
         "smooth.calibration.ctx": opts.ctx,
         "smooth.kept": kept or None,
-        "smooth.weights": "gptq" if opts.gptq else "rtn",
+        "smooth.weights": "gptq" if opts.gptq else None,  # compressed-tensors' int8, --gptq
         "smooth.keep_type": opts.keep_problem_layers.upper() if kept and opts.keep_problem_layers else None,
         "smooth.input_max.names": names,
         "smooth.input_max.values": np.array([act_max[n] for n in names], "<f4"),
@@ -387,8 +387,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                        if f"blk.{il}.{short}.weight" in reader.tensors]
             nbytes = _write_compressed_tensors(opts, reader, smoothed, meta, [n for n in linears if n not in kept],
                                                result.static_max() or result.act_max(), progress, warn_,
-                                               gptq.weights if gptq is not None else None,
-                                               _first_date(ckpt, reader, opts, calib_sha, warn_))
+                                               gptq.weights if gptq is not None else None, ckpt, calib_sha)
     rows = layer_rows(result)
     doc = scales_json(result, opts, calib_sha, problems, rows) if opts.scales_out or opts.plot else None
     if opts.scales_out is not None:
@@ -438,14 +437,16 @@ def _write_gguf(opts: SmoothOptions, smoothed: Any, meta: dict[str, Any], kept: 
 
 def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, meta: dict[str, Any],
                               linears: list[str], input_max: dict[str, float], progress: ProgressFn | None,
-                              warn: Callable[[str], None], int8: dict[str, Any] | None = None,
-                              date: str | None = None) -> int:
+                              warn: Callable[[str], None], int8: dict[str, Any] | None, ckpt: Path,
+                              calib_sha: str) -> int:
     from quantcli.pipelines.common import provenance, source_sha256
     from quantcli.pipelines.compressed_tensors import config_of_source, write_compressed_tensors
 
     header = {"quantcli.smooth": json.dumps({k[len("smooth."):]: _plain(v) for k, v in meta.items()
                                              if not k.startswith(("smooth.input_max", "smooth.static_max"))})}
-    header.update({k: str(v) for k, v in provenance(reader, source_sha256(reader), date).items()})
+    source_sha = source_sha256(reader)
+    date = _first_date(ckpt, source_sha, opts, calib_sha, warn)
+    header.update({k: str(v) for k, v in provenance(reader, source_sha, date).items()})
     model = Path(opts.model)
     tokenizer = opts.tokenizer or (model if model.is_dir() else None)
     res = write_compressed_tensors(
@@ -457,17 +458,17 @@ def _write_compressed_tensors(opts: SmoothOptions, reader: Any, smoothed: Any, m
     return res.bytes
 
 
-def _first_date(ckpt: Path, reader: Any, opts: SmoothOptions, calib_sha: str,
+def _first_date(ckpt: Path, source_sha: str, opts: SmoothOptions, calib_sha: str,
                 warn: Callable[[str], None]) -> str:
     """The run's `quantcli.date`, kept with the checkpoints: a resumed run writes the bytes the
     first would have (the GGUF path keeps it in the quantize pipeline's checkpoints)."""
     from dataclasses import asdict
 
     from quantcli.checkpoint import CheckpointStore, key_json
-    from quantcli.pipelines.common import run_date, source_sha256
+    from quantcli.pipelines.common import run_date
 
     options = {k: v for k, v in asdict(opts).items() if k not in ("force", "checkpoint_dir", "keep_checkpoints")}
-    key = {"kind": "smooth-output", "source": source_sha256(reader), "calib": calib_sha, "options": key_json(options)}
+    key = {"kind": "smooth-output", "source": source_sha, "calib": calib_sha, "options": key_json(options)}
     store = CheckpointStore(ckpt / "output", key, warn)
     date = store.extra.get("date") or run_date()
     if store.extra.get("date") != date:
