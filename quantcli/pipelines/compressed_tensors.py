@@ -354,27 +354,25 @@ def _tensors(reader: Any, layout: HFLayout, job: _Job, scales: Mapping[str, np.f
              rounded: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, data) of one job's tensors, in its specs' order; `rounded`: the job's int8 weight
     and scales as given (GGUF rows), for a W8A8 linear."""
-    if rounded is not None and job.quantized and not job.specs[0].name.endswith(".weight_packed"):
-        q, scale = rounded
-        yield job.specs[0].name, layout.to_hf(job.source, q).astype(np.int8)  # small integers: exact
-        yield job.specs[1].name, layout.to_hf(job.source, np.asarray(scale, np.float32).reshape(-1, 1))
-        if len(job.specs) == 3:
-            yield job.specs[2].name, np.array([scales[job.source]], np.float32)
-        return
-    x = layout.to_hf(job.source, reader.load_f32(job.source))
-    if not job.quantized:
-        spec = job.specs[0]
-        yield spec.name, _cast(x, spec.type, job.source)
-        return
-    if not np.isfinite(x).all():
-        raise NumericError(f"{job.source}: NaN or Inf weights cannot be quantized")
-    if job.specs[0].name.endswith(".weight_packed"):  # W4A16: the SYM4_B64 codec's values
-        q4, scale4 = sym4.quantize_values(x)  # [out, in] int8 in [-7, 7], [out, in/64] float32
-        yield job.specs[0].name, sym4.pack_nibbles(q4).view("<i4")  # [out, in/8]
-        yield job.specs[1].name, scale4
-        yield job.specs[2].name, np.array(x.shape, np.int64)
-        return
-    q, scale = quantize_weight(x)  # [out, in] int8, [out] float32
+    packed = job.specs[0].name.endswith(".weight_packed")
+    if rounded is not None and job.quantized and not packed:
+        q = layout.to_hf(job.source, rounded[0]).astype(np.int8)  # small integers: exact in float32
+        scale = layout.to_hf(job.source, np.asarray(rounded[1], np.float32).reshape(-1, 1))
+    else:
+        x = layout.to_hf(job.source, reader.load_f32(job.source))
+        if not job.quantized:
+            spec = job.specs[0]
+            yield spec.name, _cast(x, spec.type, job.source)
+            return
+        if not np.isfinite(x).all():
+            raise NumericError(f"{job.source}: NaN or Inf weights cannot be quantized")
+        if packed:  # W4A16: the SYM4_B64 codec's values
+            q4, scale4 = sym4.quantize_values(x)  # [out, in] int8 in [-7, 7], [out, in/64] float32
+            yield job.specs[0].name, sym4.pack_nibbles(q4).view("<i4")  # [out, in/8]
+            yield job.specs[1].name, scale4
+            yield job.specs[2].name, np.array(x.shape, np.int64)
+            return
+        q, scale = quantize_weight(x)  # [out, in] int8, [out] float32
     yield job.specs[0].name, q
     yield job.specs[1].name, scale.reshape(-1, 1)
     if len(job.specs) == 3:
