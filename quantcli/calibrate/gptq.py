@@ -57,6 +57,8 @@ def gptq_int8(w: np.ndarray, h: np.ndarray, block: int = BLOCK, damp: float = DA
     n_out, n_in = w.shape
     if h.shape != (n_in, n_in):
         raise ValueError(f"{name}: H is {h.shape}, the weight has {n_in} inputs")
+    if not np.isfinite(w).all():  # as the round-to-nearest writer refuses them
+        raise NumericError(f"{name}: NaN or Inf weights cannot be quantized")
     _, scale = quantize_weight(w)  # RTN's scales, float32
     s = np.where(scale > 0, scale, 1.0).astype(np.float64)[:, None]
     H = np.array(h, np.float64)
@@ -155,7 +157,6 @@ class GPTQObserver(Observer, name="gptq"):
             q0, _ = quantize_weight(w)
             self.result_.weights[name] = (q, scale)
             self.result_.errors[name] = (output_error(w, q0, scale, h), output_error(w, q, scale, h))
-        self.last_ = None
         self._layer_reset()
 
     def layer_state(self, il: int) -> dict[str, np.ndarray]:

@@ -79,6 +79,10 @@ def test_nan_activations_are_a_numeric_error():
     h[2, 2] = np.nan
     with pytest.raises(NumericError, match="blk.0.attn_q.weight: its inputs' second moment is not finite"):
         gptq_int8(np.ones((4, 8), np.float32), h, name="blk.0.attn_q.weight")
+    w = np.ones((4, 8), np.float32)
+    w[1, 3] = np.inf
+    with pytest.raises(NumericError, match="blk.0.attn_q.weight: NaN or Inf weights cannot be quantized"):
+        gptq_int8(w, np.eye(8), name="blk.0.attn_q.weight")
 
 
 def test_dead_inputs_round_to_nearest_and_a_zero_row_stays_zero():
