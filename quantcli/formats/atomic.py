@@ -60,11 +60,11 @@ def create_temp(out: Path) -> tuple[int, str]:
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
         except BaseException:
             os.close(fd)
-            _remove(tmp)
+            remove_temp(tmp)
             raise
         if interrupted:
             os.close(fd)
-            _remove(tmp)
+            remove_temp(tmp)
     return fd, tmp
 
 
@@ -72,7 +72,7 @@ def remove_stray_temps() -> None:
     """Remove the temp files this process made and did not finish: what a Ctrl-C that came between
     a temp file's creation and the code that cleans it up would leave (the CLI calls it)."""
     for tmp in sorted(_LIVE):
-        _remove(tmp)
+        remove_temp(tmp)
 
 
 @contextlib.contextmanager
@@ -106,7 +106,7 @@ def publish(done: Path, out: Path, durable: bool = True) -> None:
             raise OutputError(f"{out}: cannot move the finished file into place: {describe(exc)}") from None
         with atomic_write(out, durable) as dst, open(done, "rb") as src:
             shutil.copyfileobj(src, dst, 16 << 20)
-        _remove(str(done))
+        remove_temp(str(done))
         return
     if durable:
         fsync_dir(out.parent)
@@ -139,10 +139,10 @@ def atomic_write(out: Path, durable: bool = True) -> Iterator[BinaryIO]:
         os.replace(tmp, out)
         _LIVE.discard(tmp)
     except OSError as exc:
-        _remove(tmp)
+        remove_temp(tmp)
         raise OutputError(f"{out}: write failed: {describe(exc)}") from None
     except BaseException:
-        _remove(tmp)
+        remove_temp(tmp)
         raise
     if durable:
         fsync_dir(out.parent)
@@ -202,10 +202,6 @@ def _umask() -> int:
 
 def remove_temp(path: str) -> None:
     """Remove a temp file of `create_temp` that will not be published (a missing one is fine)."""
-    _remove(path)
-
-
-def _remove(path: str) -> None:
     _LIVE.discard(path)
     with contextlib.suppress(OSError):
         os.unlink(path)
