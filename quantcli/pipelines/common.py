@@ -49,6 +49,15 @@ def run_date() -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def kept_date(store: Any, date: str | None = None) -> str:
+    """The `quantcli.date` a checkpoint store keeps for its run: the first run's, else `date` (or
+    now), recorded so that a resumed run writes the bytes the first would have."""
+    kept = store.extra.get("date") or date or run_date()
+    if store.extra.get("date") != kept:
+        store.set_extra(date=kept)
+    return kept
+
+
 def provenance(reader: ModelReader, source_hash: str, date: str | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """`quantcli.*` keys recorded in every file quantcli writes; `extra` adds `quantcli.<key>`."""

@@ -37,8 +37,8 @@ from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.formats.base import KV, parse_override_kv
 from quantcli.names import layer_of
 from quantcli.pipelines import allocation, cluster
-from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, merge_adapters, open_source,
-                                       progress_or_noop, provenance, quick_fingerprint, run_date,
+from quantcli.pipelines.common import (Progress, ProgressFn, file_sha256, gguf_version, kept_date, merge_adapters,
+                                       open_source, progress_or_noop, provenance, quick_fingerprint, run_date,
                                        source_sha256)
 from quantcli.pipelines.slices import Pipeline, chunk_bytes, read_slice, slices_of, write_slice
 from quantcli.plan import Plan, PlannedTensor, PlanOptions
@@ -650,9 +650,7 @@ def _execute(run: _Run) -> int:
     manifest. A re-run verifies the recorded ranges and does only the rest. At the end the header
     is written and the file published onto the output. Returns the units resumed."""
     store, ckpt_dir = run.checkpoints()
-    date = store.extra.get("date") or run.opts.date or run_date()  # a resumed run keeps its first timestamp
-    if store.extra.get("date") != date:
-        store.set_extra(date=date)
+    date = kept_date(store, run.opts.date)  # a resumed run keeps its first timestamp
     plan = run.plan
     codecs.load_kernels(decode={p.info.ggml_type for p in plan if not p.copy and p.info.ggml_type is not None},
                         encode={p.type for p in plan if not p.copy}, weighted=run.imatrix is not None)

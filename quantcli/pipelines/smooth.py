@@ -465,15 +465,11 @@ def _first_date(ckpt: Path, source_sha: str, opts: SmoothOptions, calib_sha: str
     from dataclasses import asdict
 
     from quantcli.checkpoint import CheckpointStore, key_json
-    from quantcli.pipelines.common import run_date
+    from quantcli.pipelines.common import kept_date
 
     options = {k: v for k, v in asdict(opts).items() if k not in ("force", "checkpoint_dir", "keep_checkpoints")}
     key = {"kind": "smooth-output", "source": source_sha, "calib": calib_sha, "options": key_json(options)}
-    store = CheckpointStore(ckpt / "output", key, warn)
-    date = store.extra.get("date") or run_date()
-    if store.extra.get("date") != date:
-        store.set_extra(date=date)
-    return date
+    return kept_date(CheckpointStore(ckpt / "output", key, warn))
 
 
 def _plain(v: Any) -> Any:
