@@ -57,6 +57,16 @@ def llama_kld(model: Path, logits: Path, text: Path, chunks: int, threads: int) 
     return float(kld.group(1)), float(ppl.group(1))
 
 
+def base_logits(model: Path, text: Path, chunks: int, threads: int, work: Path) -> Path:
+    """The base's logits on `text` for `--kl-divergence-base`, made once in `work`."""
+    logits = work / f"base-{text.stem}-{chunks}.kld"
+    if not logits.exists():
+        subprocess.run([str(llama_bin("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", "512",
+                        "--chunks", str(chunks), "-t", str(threads), "--kl-divergence-base", str(logits)],
+                       check=True, capture_output=True)
+    return logits
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cache = Path(os.environ.get("QUANTCLI_MODEL_CACHE", "/tmp/qc/models"))
@@ -75,12 +85,7 @@ def main() -> None:
         raise SystemExit("llama-perplexity not found: set QUANTCLI_LLAMA_BIN")
     args.work.mkdir(parents=True, exist_ok=True)
     meas = args.measurement or args.work / "sensitivity.json"
-    logits = args.work / f"base-{args.text.stem}-{args.chunks}.kld"
-    if not logits.exists():
-        exe = llama_bin("llama-perplexity")
-        subprocess.run([str(exe), "-m", str(args.model), "-f", str(args.text), "-c", "512", "--chunks",
-                        str(args.chunks), "-t", str(args.threads), "--kl-divergence-base", str(logits)],
-                       check=True, capture_output=True)
+    logits = base_logits(args.model, args.text, args.chunks, args.threads, args.work)
     if not meas.exists():
         t0 = time.perf_counter()
         quantcli(str(args.model), str(args.work / "probe.gguf"), "--target-bpw", "8", "--imatrix",

@@ -23,17 +23,15 @@ imatrix-genesis.gguf.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._util import TEXTS, llama_bin  # noqa: E402
-from bench.allocation import SHARED, llama_kld  # noqa: E402
+from bench.allocation import SHARED, base_logits, llama_kld, quantcli  # noqa: E402
 
 TRADES = (
     "ffn_down:Q4_K=Q4_1",  # lossless, Q8_K -> Q8_1 input rounding, +0.5 bpw
@@ -55,14 +53,6 @@ TRADES = (
 def role(name: str) -> str:
     parts = name.split(".")
     return parts[2] if parts[0] == "blk" and len(parts) > 3 else parts[0]
-
-
-def quantcli(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "quantcli", "quantize", *args, "--json", "--force", "--no-check", "-q"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"{' '.join(cmd[:8])} ...\n{res.stderr}")
-    return json.loads(res.stdout)
 
 
 def parse_trade(spec: str) -> list[tuple[str, str, str]]:
@@ -91,12 +81,8 @@ def main() -> None:
         raise SystemExit("llama-perplexity not found: set QUANTCLI_LLAMA_BIN")
     trades = [(spec, parse_trade(spec)) for spec in (args.trade or TRADES)]
     args.work.mkdir(parents=True, exist_ok=True)
-    logits = args.work / f"base-{args.text.stem}-{args.chunks}.kld"
-    if not logits.exists():
-        subprocess.run([str(llama_bin("llama-perplexity")), "-m", str(args.model), "-f", str(args.text), "-c",
-                        "512", "--chunks", str(args.chunks), "-t", str(args.threads), "--kl-divergence-base",
-                        str(logits)], check=True, capture_output=True)
-    common = ["--type", args.preset, "--imatrix", str(args.imatrix)]
+    logits = base_logits(args.model, args.text, args.chunks, args.threads, args.work)
+    common = ["--type", args.preset, "--imatrix", str(args.imatrix), "-q"]
     plan = quantcli(str(args.model), str(args.work / "plan.gguf"), *common, "--dry-run")
     types = {t["name"]: t["type"] for t in plan["tensors"] if t["type"] != "F32"}
     base_file = args.work / f"{args.preset}.gguf"
