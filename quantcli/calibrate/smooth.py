@@ -30,12 +30,19 @@ alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
   that mapping's linears, sum over them of ||dq(q(X/s)) @ dq(q(W·s)).T - X @ W.T||^2 / ||X @ W.T||^2
   on at most `max_rows` rows of the input (evenly spaced over all tokens of the chunks, BOS rows
   included). The mappings' errors do not depend on each other, so this is the layer's optimum.
-- static per-tensor activations: one alpha per layer, the smallest error of the whole block run as
-  W8A8 (every linear, attention, norms) on `search_chunks` chunks, mean over tokens of
-  ||h_W8A8 - h||^2 / ||h||^2 of the block's output h (each token relative to itself, as the next
-  RMSNorm sees it), with the static scales each alpha would get. The per-linear error favours
-  alpha -> 1 there (it flattens the maxima that set the one scale, whatever that costs downstream):
-  on Gemma 3 270M it measured 11.78 perplexity against 9.70 for the block error (bench/smooth.py).
+- static per-tensor activations: the smallest error of the whole block run as W8A8 (every
+  linear, attention, norms) on `search_chunks` chunks, mean over tokens of ||h_W8A8 - h||^2 /
+  ||h||^2 of the block's output h (each token relative to itself, as the next RMSNorm sees it),
+  with the static scales each choice would get. First one alpha for the whole layer (the grid's
+  curve, "block"), then each mapping's own alpha in table order, the grid searched with the
+  others held (one pass of coordinate descent from the layer's optimum; curves "block:<mapping>";
+  an alpha moves only where the block error drops). The mappings' errors interact through the
+  block (q/k/v's error reaches attn_output's input), so the per-linear error cannot choose them
+  apart; it also favours alpha -> 1 (it flattens the maxima that set the one scale, whatever
+  that costs downstream): on Gemma 3 270M it measured 11.78 perplexity against 9.70 for the
+  block error (bench/smooth.py). On Gemma 3 270M (Exodus, ctx 512, calibrated on Genesis) the
+  one alpha per layer gave 9.6025 on 8 chunks and 11.6441 on all 79, each mapping's own 9.5363 and
+  11.5228 (F32 9.2035, 11.1271); the pass costs 4x the layer's alpha curve.
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
@@ -222,9 +229,10 @@ class LayerSmoothing:
     error_before: dict[str, float]  # smoothed linear -> simulated W8A8 relative error unsmoothed
     error_after: dict[str, float]  # ... and smoothed with `alpha`
     alpha_errors: dict[str, np.ndarray] = field(default_factory=dict)  # auto: error at each grid alpha,
-    #   per mapping (per-token search) or for the whole block under "block" (static search)
+    #   per mapping (per-token search), or the whole block's under "block" (one alpha for all) and
+    #   "block:<mapping>" (that mapping's alpha, the others held; static search)
     weight_max: dict[str, np.ndarray] = field(default_factory=dict)  # mapping -> max_k max_i |W_k[i, j]| before
-    alphas: dict[str, float] = field(default_factory=dict)  # mapping -> its alpha (all `alpha` unless auto per-token)
+    alphas: dict[str, float] = field(default_factory=dict)  # mapping -> its alpha (`alpha` is their mean when they differ)
     static_max: dict[str, float] = field(default_factory=dict)  # input -> the static scale's max|x|, smoothed
 
     def alpha_of(self, m: Mapping) -> float:
@@ -463,9 +471,38 @@ class SmoothObserver(Observer, name="smooth"):
                                          self._scales(a_max, w_max, dict.fromkeys(names, a)))
                                    for a in alphas], np.float32)}
 
+    def _per_mapping(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+                     alphas: dict[str, float], curves: dict[str, np.ndarray]) -> dict[str, float]:
+        """The static search's second step: from the layer's one alpha, each mapping's alpha in
+        table order searched over the grid with the others held, by the block error; it moves to
+        the first minimum only where that is below the error so far. Adds each mapping's curve to
+        `curves` as "block:<mapping>"; returns the alphas."""
+        a_max, w_max = self._maxima(weights, inputs)
+        refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
+        grid = self.alpha_grid()
+        alphas = dict(alphas)
+
+        def error(a: dict[str, float]) -> float:
+            return self._block_error(il, weights, inputs, refs, self._scales(a_max, w_max, a))
+
+        best = error(alphas)
+        for m in self.result_.mappings:
+            errs = np.array([best if float(a) == alphas[m.name] else error({**alphas, m.name: float(a)})
+                             for a in grid])
+            k = int(np.argmin(errs))
+            if errs[k] < best:
+                alphas[m.name], best = float(grid[k]), float(errs[k])
+            curves[f"block:{m.name}"] = errs.astype(np.float32)
+        return alphas
+
+    def _static_search(self) -> bool:
+        """Whether `--alpha auto` searches for static per-tensor W8A8 (not per token, nor llama.cpp's kernels)."""
+        return self.activations != "token" and self.weight_types is None
+
     def _block_search(self) -> bool:
-        """Whether `--alpha auto` chooses one alpha per layer by the whole block's error (static
-        activations, or llama.cpp's kernels) rather than one per mapping by its linears' errors."""
+        """Whether `--alpha auto` searches by the whole block's error (static activations: one alpha
+        per layer, then per mapping; llama.cpp's kernels: one per layer) rather than one per mapping
+        by its linears' errors."""
         return self.activations != "token" or self.weight_types is not None
 
     def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
@@ -488,6 +525,9 @@ class SmoothObserver(Observer, name="smooth"):
                 curves = self.curves(il, weights, inputs, grid)
             if self._block_search():  # the first minimum (for llama.cpp's kernels "as it is", NaN, is last)
                 alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
+                if self._static_search():  # then each mapping's own alpha
+                    curves = dict(curves)
+                    alphas = self._per_mapping(il, weights, inputs, alphas, curves)
             else:
                 alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
         s = self._scales(a_max, w_max, alphas)

@@ -15,6 +15,16 @@ from quantcli.cli.common import boundary, err, out, progress_bar, ray_option
 from quantcli.pipelines import smooth as pipeline
 
 
+def _alpha(row: dict) -> str:
+    """A layer's alpha: one number, "as is", or each mapping's (a/b/c/d, in table order) where they differ."""
+    alphas = list(row["alphas"].values())
+    if row["alpha"] is None:
+        return "as is"
+    if len(set(alphas)) > 1:
+        return "/".join(f"{a:.2f}" for a in alphas)
+    return f"{row['alpha']:.2f}"
+
+
 def render(result: pipeline.SmoothRunResult) -> None:
     """Per layer: alpha, the worst input's outlier ratio before -> after, the worst linear's error."""
     t = Table(title=f"SmoothQuant, alpha {result.alpha}, {result.activations} int8 activations",
@@ -29,7 +39,7 @@ def render(result: pipeline.SmoothRunResult) -> None:
         errs = list(row["error"].values())
         before = max((e["before"] or 0.0) for e in errs)
         after = max((e["after"] or 0.0) for e in errs)
-        t.add_row(str(row["layer"]), "as is" if row["alpha"] is None else f"{row['alpha']:.2f}",
+        t.add_row(str(row["layer"]), _alpha(row),
                   f"{worst['before']:.0f} -> {worst['after']:.1f}" if worst else "-",
                   f"{before:.2e}", f"{after:.2e}", "[red]problem[/]" if row["layer"] in problems else "")
     out.print(t)

@@ -184,21 +184,41 @@ def test_auto_alpha_per_token_picks_each_mappings_minimum(tmp_path):
 
 
 def test_auto_alpha_static_picks_the_blocks_minimum(tmp_path):
+    """Static search: one alpha for the layer at the block curve's minimum, then each mapping's
+    own alpha, in table order, at the minimum of its curve with the others held; an alpha moves
+    only where that lowers the block error, and the scales are SmoothQuant's at each one."""
     path = write_model(tmp_path / "m.gguf", "gemma3", n_layer=2)
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
         auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations="tensor",
                             search_chunks=2)
-        chosen = auto.layers[0].alpha
-        again = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=chosen, mappings="all", activations="tensor")
+        fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", activations="tensor")
     grid = np.round(np.arange(0, 1.0001, 0.05), 6)
+    names = [mp.name for mp in auto.mappings]
+    moved = 0
     for layer in auto.layers.values():
         curve = layer.alpha_errors["block"]
-        assert curve.shape == (21,) and layer.alpha == grid[int(np.argmin(curve))]
-        assert set(layer.alphas.values()) == {layer.alpha} and curve.max() > curve.min()
-    for key, v in again.layers[0].scales.items():  # the fixed run with the chosen alpha: the same scales
-        assert np.array_equal(v, auto.layers[0].scales[key]), key
+        assert sorted(layer.alpha_errors) == sorted(["block"] + [f"block:{n}" for n in names])
+        assert curve.shape == (21,) and curve.max() > curve.min()
+        start = int(np.argmin(curve))
+        best = curve.min()
+        for n in names:  # at the time of its turn, mapping n's alpha is still the layer's (start)
+            c = layer.alpha_errors[f"block:{n}"]
+            assert c.shape == (21,) and c[start] == pytest.approx(best, rel=1e-5)
+            k = int(round(layer.alphas[n] / 0.05))
+            assert grid[k] == layer.alphas[n] and c[k] == c.min()
+            if k != start:
+                moved += 1
+                assert c[k] < c[start]
+            best = c.min()
+        assert best <= curve.min()
+        assert layer.alpha == pytest.approx(float(np.mean([layer.alphas[n] for n in names])))
+        for mp in auto.mappings:  # each mapping's scales are SmoothQuant's at its own alpha
+            want = smooth_scales(layer.channel_max(mp, auto.config), layer.weight_max[mp.name], layer.alphas[mp.name])
+            assert np.array_equal(layer.scales[mp.name], want), mp.name
+    assert moved > 0  # on these outliers some mapping does better at an alpha of its own
+    assert all(not lay.alpha_errors and set(lay.alphas.values()) == {0.5} for lay in fixed.layers.values())
 
 
 def test_simulated_error_and_static_scales_from_scratch(tmp_path):
