@@ -471,13 +471,12 @@ class SmoothObserver(Observer, name="smooth"):
                                          self._scales(a_max, w_max, dict.fromkeys(names, a)))
                                    for a in alphas], np.float32)}
 
-    def _per_mapping(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
+    def _per_mapping(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs, a_max: dict, w_max: dict,
                      alphas: dict[str, float], curves: dict[str, np.ndarray]) -> dict[str, float]:
         """The static search's second step: from the layer's one alpha, each mapping's alpha in
         table order searched over the grid with the others held, by the block error; it moves to
         the first minimum only where that is below the error so far. Adds each mapping's curve to
-        `curves` as "block:<mapping>"; returns the alphas."""
-        a_max, w_max = self._maxima(weights, inputs)
+        `curves` as "block:<mapping>"; returns the alphas. a_max, w_max: _maxima(weights, inputs)."""
         refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
         grid = self.alpha_grid()
         alphas = dict(alphas)
@@ -527,7 +526,7 @@ class SmoothObserver(Observer, name="smooth"):
                 alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
                 if self._static_search():  # then each mapping's own alpha
                     curves = dict(curves)
-                    alphas = self._per_mapping(il, weights, inputs, alphas, curves)
+                    alphas = self._per_mapping(il, weights, inputs, a_max, w_max, alphas, curves)
             else:
                 alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
         s = self._scales(a_max, w_max, alphas)
