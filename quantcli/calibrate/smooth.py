@@ -26,23 +26,27 @@ goes through act(gate) * up, which is linear in up.
 
 alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
 
-- per-token (dynamic) activations: one alpha per mapping, the smallest simulated W8A8 error of
-  that mapping's linears, sum over them of ||dq(q(X/s)) @ dq(q(W·s)).T - X @ W.T||^2 / ||X @ W.T||^2
-  on at most `max_rows` rows of the input (evenly spaced over all tokens of the chunks, BOS rows
-  included). The mappings' errors do not depend on each other, so this is the layer's optimum.
-- static per-tensor activations: the smallest error of the whole block run as W8A8 (every
-  linear, attention, norms) on `search_chunks` chunks, mean over tokens of ||h_W8A8 - h||^2 /
-  ||h||^2 of the block's output h (each token relative to itself, as the next RMSNorm sees it),
-  with the static scales each choice would get. First one alpha for the whole layer (the grid's
-  curve, "block"), then each mapping's own alpha in table order, the grid searched with the
-  others held (one pass of coordinate descent from the layer's optimum; curves "block:<mapping>";
-  an alpha moves only where the block error drops). The mappings' errors interact through the
-  block (q/k/v's error reaches attn_output's input), so the per-linear error cannot choose them
-  apart; it also favours alpha -> 1 (it flattens the maxima that set the one scale, whatever
-  that costs downstream): on Gemma 3 270M it measured 11.78 perplexity against 9.70 for the
-  block error (bench/smooth.py). On Gemma 3 270M (Exodus, ctx 512, calibrated on Genesis) the
-  one alpha per layer gave 9.6025 on 8 chunks and 11.6441 on all 79, each mapping's own 9.5363 and
-  11.5228 (F32 9.2035, 11.1271); the pass costs 4x the layer's alpha curve.
+- W8A8 (a float output; static per-tensor or per-token activations, `activations`): the smallest
+  error of the whole block run as W8A8 (every linear, attention, norms) on `search_chunks`
+  chunks, mean over tokens of ||h_W8A8 - h||^2 / ||h||^2 of the block's output h (each token
+  relative to itself, as the next RMSNorm sees it), static: with the static scales each choice
+  would get. First one alpha for the whole layer (the grid's curve, "block"), then each
+  mapping's own alpha in table order, the grid searched with the others held (one pass of
+  coordinate descent from the layer's optimum; curves "block:<mapping>"; an alpha moves only
+  where the block error drops); the pass costs 4x the layer's alpha curve. The mappings' errors
+  interact through the block (q/k/v's error reaches attn_output's input, and attention's softmax
+  and the next norm weigh what each linear's error does), so each linear's own error,
+  ||dq(q(X/s)) @ dq(q(W·s)).T - X @ W.T||^2 / ||X @ W.T||^2, cannot choose them; statically it
+  also favours alpha -> 1 (it flattens the maxima that set the one scale, whatever that costs
+  downstream). On Gemma 3 270M (Exodus, ctx 512, calibrated on Genesis; F32 9.2035 on 8 chunks,
+  11.1271 on all 79), static: per-linear errors 11.78 on 8 chunks, one alpha per layer by the
+  block 9.6025 / 11.6441, each mapping's own 9.5363 / 11.5228. Per token, each mapping's alpha
+  by its own linears' errors (on 2048 rows of all chunks) gave 9.2940 / 11.2634, and on two
+  texts nothing was tuned on (Debian's license texts, Vim's user manual; 40 chunks each) 13.3435
+  and 15.8684 (F32 13.1245, 15.5250); the
+  block search on one chunk 9.2732 / 11.2751, 13.3174, 15.7355; on SEARCH_CHUNKS_TOKEN = 4
+  chunks (the per-token default; static and llama.cpp's kernels search one) 9.2913 / 11.2537,
+  13.3033, 15.7041; smoothing all 96 chunks of Genesis then took 1089 s of one core, against 501 s.
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
@@ -81,6 +85,8 @@ S_MIN = 1e-5  # smallest scale (SmoothQuant's clamp)
 CLIP_RATIOS = np.float32(0.05) ** (np.arange(31, dtype=np.float32) / np.float32(30))  # static clip candidates
 STATIC_SCALES = ("mse", "max")
 SEARCH_ROWS = 512  # rows of each input the static clips of the block search are chosen on
+# chunks the per-token W8A8 search runs by default (static and llama.cpp's kernels: 1); see the module docstring
+SEARCH_CHUNKS_TOKEN = 4
 
 
 @dataclass(frozen=True)
@@ -379,8 +385,10 @@ class SmoothObserver(Observer, name="smooth"):
 
     def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
                  activations: str = "tensor", max_rows: int = 2048, static_scales: str = "mse",
-                 search_chunks: int = 1, weight_types: dict[str, str] | None = None) -> None:
+                 search_chunks: int | None = None, weight_types: dict[str, str] | None = None) -> None:
         alpha = check_alpha(alpha)
+        if search_chunks is None:
+            search_chunks = SEARCH_CHUNKS_TOKEN if activations == "token" and not weight_types else 1
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
         if not 0.0 < grid <= 1.0:
@@ -400,7 +408,7 @@ class SmoothObserver(Observer, name="smooth"):
         self.activations = activations  # W8A8 activation mode the errors are simulated with
         self.max_rows = max_rows  # rows of each input the errors and static clips are measured on
         self.static_scales = static_scales  # "mse": clipped static scales; "max": the calibration maxima
-        self.search_chunks = search_chunks  # chunks the static block search runs
+        self.search_chunks = search_chunks  # chunks the auto search's block errors run (the first ones)
         # the GGUF's planned type of each block linear (weight name -> GGML type): `--alpha auto`
         # then searches for llama.cpp's CPU kernels (see _ggml_block_error), "left as it is" included
         self.weight_types = weight_types
@@ -421,7 +429,7 @@ class SmoothObserver(Observer, name="smooth"):
         first + 1, ... of the run (a shard of them on a cluster; LayerInputs.merge joins shards)."""
         rows = self.rows_[first:first + probe.n_chunks]
         act_max, sample = probe_inputs(il, probe, rows)
-        searched = self.alpha == "auto" and self._block_search()
+        searched = self.alpha == "auto"
         heads = [probe.input(c) for c in range(probe.n_chunks) if searched and first + c < self.search_chunks]
         return LayerInputs(act_max, sample, heads)
 
@@ -451,20 +459,12 @@ class SmoothObserver(Observer, name="smooth"):
 
     def curves(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
                alphas: np.ndarray) -> dict[str, np.ndarray]:
-        """`--alpha auto`'s errors at these alphas (float32 [len(alphas)] each): per mapping, the
-        simulated W8A8 error of its linears (per-token activations), or under "block" the whole
-        block's (static). Each alpha's error is computed alone, so any split of the grid (shards of
-        a cluster) joins to the same curves."""
-        res = self.result_
+        """`--alpha auto`'s first curve, "block": the whole block's error at each of these alphas
+        for every mapping (float32 [len(alphas)]), simulated W8A8 or llama.cpp's kernels (NaN:
+        the layer left as it is). Each alpha's error is computed alone, so any split of the grid
+        (shards of a cluster) joins to the same curve."""
         a_max, w_max = self._maxima(weights, inputs)
         names = list(a_max)
-        if not self._block_search():
-            refs = self._refs(weights, inputs.sample)
-            errs = [self._errors(weights, inputs.sample, refs, self._scales(a_max, w_max, dict.fromkeys(names, a)),
-                                 None) for a in alphas]
-            return {m.name: np.array([sum(e[c] for c in m.consumers) for e in errs], np.float32)
-                    for m in res.mappings}
-        # llama.cpp's kernels (NaN: the layer left as it is), or the block as static W8A8
         error = self._ggml_block_error if self.weight_types is not None else self._block_error
         block_refs = [self.model_.layer(il, weights, x) for x in inputs.heads]
         return {"block": np.array([error(il, weights, inputs, block_refs,
@@ -473,7 +473,7 @@ class SmoothObserver(Observer, name="smooth"):
 
     def _per_mapping(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs, a_max: dict, w_max: dict,
                      alphas: dict[str, float], curves: dict[str, np.ndarray]) -> dict[str, float]:
-        """The static search's second step: from the layer's one alpha, each mapping's alpha in
+        """The W8A8 search's second step: from the layer's one alpha, each mapping's alpha in
         table order searched over the grid with the others held, by the block error; it moves to
         the first minimum only where that is below the error so far. Adds each mapping's curve to
         `curves` as "block:<mapping>"; returns the alphas. a_max, w_max: _maxima(weights, inputs)."""
@@ -494,15 +494,10 @@ class SmoothObserver(Observer, name="smooth"):
             curves[f"block:{m.name}"] = errs.astype(np.float32)
         return alphas
 
-    def _static_search(self) -> bool:
-        """Whether `--alpha auto` searches for static per-tensor W8A8 (not per token, nor llama.cpp's kernels)."""
-        return self.activations != "token" and self.weight_types is None
-
-    def _block_search(self) -> bool:
-        """Whether `--alpha auto` searches by the whole block's error (static activations: one alpha
-        per layer, then per mapping; llama.cpp's kernels: one per layer) rather than one per mapping
-        by its linears' errors."""
-        return self.activations != "token" or self.weight_types is not None
+    def _per_mapping_search(self) -> bool:
+        """Whether `--alpha auto` goes on to each mapping's own alpha: for simulated W8A8 (a float
+        output), not for llama.cpp's kernels (one alpha per layer, or the layer as it is)."""
+        return self.weight_types is None
 
     def decide(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
                curves: dict[str, np.ndarray] | None = None) -> LayerSmoothing:
@@ -522,13 +517,11 @@ class SmoothObserver(Observer, name="smooth"):
         else:
             if curves is None:
                 curves = self.curves(il, weights, inputs, grid)
-            if self._block_search():  # the first minimum (for llama.cpp's kernels "as it is", NaN, is last)
-                alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
-                if self._static_search():  # then each mapping's own alpha
-                    curves = dict(curves)
-                    alphas = self._per_mapping(il, weights, inputs, a_max, w_max, alphas, curves)
-            else:
-                alphas = {name: float(grid[int(np.argmin(v))]) for name, v in curves.items()}  # first minimum
+            # the first minimum (for llama.cpp's kernels "as it is", NaN, is last)
+            alphas = dict.fromkeys(names, float(grid[int(np.argmin(curves["block"]))]))
+            if self._per_mapping_search():  # then each mapping's own alpha
+                curves = dict(curves)
+                alphas = self._per_mapping(il, weights, inputs, a_max, w_max, alphas, curves)
         s = self._scales(a_max, w_max, alphas)
         ones = {name: np.ones_like(v) for name, v in a_max.items()}
         before = self._errors(weights, sample, refs, ones, self._static(act_max, sample, ones))
@@ -577,8 +570,9 @@ class SmoothObserver(Observer, name="smooth"):
 
     def _block_error(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,
                      refs: list[np.ndarray], s: dict[str, np.ndarray]) -> float:
-        """The whole block run as static W8A8 with the layer smoothed by s, against the float block
-        (`refs`), on the first `search_chunks` chunks: mean over tokens of ||dh||^2 / ||h||^2 of its output."""
+        """The whole block run as W8A8 (`activations`; static: with the scales each input would get)
+        with the layer smoothed by s, against the float block (`refs`), on the first
+        `search_chunks` chunks: mean over tokens of ||dh||^2 / ||h||^2 of its output."""
         res, model = self.result_, self.model_
         w = {k: fold(k, v, s, res.mappings, res.config) for k, v in weights.items()}
         for k in LINEARS:
@@ -586,8 +580,8 @@ class SmoothObserver(Observer, name="smooth"):
                 w[k] = fake_quant_weight(w[k])
         static = self._static(inputs.act_max, inputs.sample, s, SEARCH_ROWS)
         sim = copy.copy(model)
-        sim.simulate = W8A8("tensor", act_max={f"blk.{il}.{short}.weight": static[inp]
-                                               for inp, shorts in _SHARING.items() for short in shorts})
+        sim.simulate = W8A8(self.activations, act_max=None if static is None else {
+            f"blk.{il}.{short}.weight": static[inp] for inp, shorts in _SHARING.items() for short in shorts})
         return _mean_relative_error([sim.layer(il, w, x) for x in inputs.heads], refs)
 
     def _ggml_block_error(self, il: int, weights: dict[str, np.ndarray], inputs: LayerInputs,

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
-from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, LayerSmoothing, SmoothedReader, SmoothObserver, SmoothResult,
-                                       expand, mappings_for, smooth_model, smooth_scales, smoothed_tensors)
+from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, SEARCH_CHUNKS_TOKEN, LayerSmoothing, SmoothedReader,
+                                       SmoothObserver, SmoothResult, expand, mappings_for, smooth_model,
+                                       smooth_scales, smoothed_tensors)
 from quantcli.engine.model import Model, forward
-from quantcli.engine.w8a8 import fake_quant_activations, fake_quant_weight
+from quantcli.engine.w8a8 import W8A8, fake_quant_activations, fake_quant_weight
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import open_model
 from quantcli.progress import Progress
@@ -158,42 +159,46 @@ def test_smoothing_flattens_outliers_and_lowers_the_simulated_error(tmp_path):
         assert maxima[name] == pytest.approx(float(v.max()), rel=1e-5), name
 
 
-def test_auto_alpha_per_token_picks_each_mappings_minimum(tmp_path):
+def test_auto_alpha_per_token_curve_is_the_blocks_w8a8_error(tmp_path):
+    """Per token, the block curve at an alpha is, from scratch, the layer smoothed at that alpha
+    (its scales the fixed-alpha run's), run as the W8A8 engine runs it (int8 weights per output
+    channel, int8 activations per token) on the first SEARCH_CHUNKS_TOKEN chunks (the default),
+    against the float layer: the mean over their tokens of ||dh||^2 / ||h||^2."""
     path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
-    opts = dict(mappings="all", max_rows=10_000, activations="token")
+    opts = dict(mappings="all", activations="token")
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
         auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", **opts)
-        fixed = {a: smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=a, **opts) for a in (0.0, 0.25, 0.5, 1.0)}
-    grid = np.round(np.arange(0, 1.0001, 0.05), 6)
-    for il, layer in auto.layers.items():
-        assert sorted(layer.alpha_errors) == sorted(mp.name for mp in auto.mappings)
-        for mp in auto.mappings:
-            curve = layer.alpha_errors[mp.name]
-            assert curve.shape == (21,) and layer.alphas[mp.name] == grid[int(np.argmin(curve))]
-            got = sum(layer.error_after[c] for c in mp.consumers)
-            assert got == pytest.approx(float(curve.min()), rel=1e-5)
-    assert len({v for layer in auto.layers.values() for v in layer.alphas.values()}) > 1
-    # layer 0 sees the same inputs in every run: each curve is the fixed-alpha runs' errors
-    for a, res in fixed.items():
-        for mp in auto.mappings:
-            want = sum(res.layers[0].error_after[c] for c in mp.consumers)
-            assert auto.layers[0].alpha_errors[mp.name][int(round(a / 0.05))] == pytest.approx(want, rel=1e-5)
-        assert res.layers[0].error_before == pytest.approx(auto.layers[0].error_before, rel=1e-6)
+        chunks = tokens()[:SEARCH_CHUNKS_TOKEN * CTX].reshape(SEARCH_CHUNKS_TOKEN, CTX).copy()
+        chunks[:, 0] = 2  # BOS, as the runner's chunks
+        assert len(tokens()) // CTX > SEARCH_CHUNKS_TOKEN > 1  # the run has more chunks than the search
+        xs = [m.embed(c) for c in chunks]
+        refs = [m.layer(0, m.layer_weights(0), x) for x in xs]
+        for a in (0.0, 0.5, 0.85):
+            fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=a, **opts)
+            sim = Model(SmoothedReader(out, fixed), simulate=W8A8("token"))
+            w = sim.layer_weights(0)
+            d = [sim.layer(0, w, x) - ref for x, ref in zip(xs, refs)]
+            want = np.mean(np.concatenate([(e.astype(np.float64) ** 2).sum(1) / (ref.astype(np.float64) ** 2).sum(1)
+                                           for e, ref in zip(d, refs)]))
+            assert auto.layers[0].alpha_errors["block"][int(round(a / 0.05))] == pytest.approx(want, rel=1e-4), a
+            assert fixed.layers[0].error_before == pytest.approx(auto.layers[0].error_before, rel=1e-6)
 
 
-def test_auto_alpha_static_picks_the_blocks_minimum(tmp_path):
-    """Static search: one alpha for the layer at the block curve's minimum, then each mapping's
-    own alpha, in table order, at the minimum of its curve with the others held; an alpha moves
-    only where that lowers the block error, and the scales are SmoothQuant's at each one."""
+@pytest.mark.parametrize("activations", ["tensor", "token"])
+def test_auto_alpha_picks_the_blocks_minimum(tmp_path, activations):
+    """The W8A8 search (static or per token): one alpha for the layer at the block curve's
+    minimum, then each mapping's own alpha, in table order, at the minimum of its curve with the
+    others held; an alpha moves only where that lowers the block error, and the scales are
+    SmoothQuant's at each one."""
     path = write_model(tmp_path / "m.gguf", "gemma3", n_layer=2)
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
-        auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations="tensor",
+        auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations=activations,
                             search_chunks=2)
-        fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", activations="tensor")
+        fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", activations=activations)
     grid = np.round(np.arange(0, 1.0001, 0.05), 6)
     names = [mp.name for mp in auto.mappings]
     moved = 0

@@ -130,7 +130,7 @@ def test_auto_for_a_quantized_gguf_searches_llama_cpp_kernels(setup):
 def test_auto_for_a_quantized_gguf_can_leave_a_layer_as_it_is(setup, monkeypatch):
     """Where no alpha lowers the block's error under llama.cpp's kernels, the layer is left as it
     is: alpha null, and its tensors quantize to plain Q8_0's bytes. A float GGUF keeps the W8A8
-    objective (per-token: a curve per mapping)."""
+    objective (per token: the block's curve, then each mapping's)."""
     from quantcli.calibrate.smooth import SmoothObserver
 
     tmp, text = setup
@@ -154,7 +154,7 @@ def test_auto_for_a_quantized_gguf_can_leave_a_layer_as_it_is(setup, monkeypatch
                  "--scales-out", str(doc_path))
     assert res.exit_code == 0, res.output
     for layer in json.loads(doc_path.read_text())["layers"]:
-        assert sorted(layer["alpha_grid_errors"]) == ["attn_norm->qkv", "ffn_norm->gate_up"]
+        assert list(layer["alpha_grid_errors"]) == ["block", "block:attn_norm->qkv", "block:ffn_norm->gate_up"]
         assert all(len(v) == 21 for v in layer["alpha_grid_errors"].values())
 
 
