@@ -207,7 +207,7 @@ def fold_layer(weights: dict[str, np.ndarray], scales: dict[str, np.ndarray], ma
 class LayerInputs:
     """What smoothing measures of a layer's inputs before deciding (SmoothObserver.gather): per
     block input (probe_inputs' keys) the per-channel max|x| and the rows at the sampled positions,
-    and the inputs of the chunks the static block search runs on."""
+    and the inputs of the chunks `--alpha auto`'s block search runs on."""
 
     act_max: dict[str, np.ndarray]
     sample: dict[str, np.ndarray]
@@ -234,9 +234,9 @@ class LayerSmoothing:
     act_max: dict[str, np.ndarray]  # measured input -> max|X_j| before smoothing, every input channel
     error_before: dict[str, float]  # smoothed linear -> simulated W8A8 relative error unsmoothed
     error_after: dict[str, float]  # ... and smoothed with `alpha`
-    alpha_errors: dict[str, np.ndarray] = field(default_factory=dict)  # auto: error at each grid alpha,
-    #   per mapping (per-token search), or the whole block's under "block" (one alpha for all) and
-    #   "block:<mapping>" (that mapping's alpha, the others held; static search)
+    alpha_errors: dict[str, np.ndarray] = field(default_factory=dict)  # auto: the whole block's error
+    #   at each grid alpha, under "block" (one alpha for all) and, for W8A8, "block:<mapping>"
+    #   (that mapping's alpha, the others held)
     weight_max: dict[str, np.ndarray] = field(default_factory=dict)  # mapping -> max_k max_i |W_k[i, j]| before
     alphas: dict[str, float] = field(default_factory=dict)  # mapping -> its alpha (`alpha` is their mean when they differ)
     static_max: dict[str, float] = field(default_factory=dict)  # input -> the static scale's max|x|, smoothed

@@ -440,7 +440,7 @@ def smooth(source: Path, model: Any, chunks: Any, observer: Any, checkpoint_dir:
     chunks in shards, one actor each holding its shard's hidden states; per layer every shard
     measures its inputs (SmoothObserver.gather), this process merges them in chunk order, decides
     alpha and the scales with the layer's weights (`--alpha auto`: the shards compute the layer's
-    alpha curve, a part of the grid each; the static search's per-mapping pass, which goes from
+    alpha curve, a part of the grid each; the W8A8 search's per-mapping pass, which goes from
     one mapping's result to the next, runs here in `decide`), and the shards move on through the
     smoothed layer.
     Maxima merge exactly and rows join in chunk order, so the result is the local run's for any
