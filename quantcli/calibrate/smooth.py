@@ -44,9 +44,11 @@ alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
   by its own linears' errors (on 2048 rows of all chunks) gave 9.2940 / 11.2634, and on two
   texts nothing was tuned on (Debian's license texts, Vim's user manual; 40 chunks each) 13.3435
   and 15.8684 (F32 13.1245, 15.5250); the
-  block search on one chunk 9.2732 / 11.2751, 13.3174, 15.7355; on SEARCH_CHUNKS_TOKEN = 4
-  chunks (the per-token default; static and llama.cpp's kernels search one) 9.2913 / 11.2537,
-  13.3033, 15.7041; smoothing all 96 chunks of Genesis then took 1089 s of one core, against 501 s.
+  block search on one chunk 9.2732 / 11.2751, 13.3174, 15.7355; on SEARCH_CHUNKS_W8A8 = 4
+  chunks (the default; llama.cpp's kernels search one) 9.2913 / 11.2537, 13.3033, 15.7041, and
+  smoothing all 96 chunks of Genesis took 1089 s of one core against 501 s. Static, 4 chunks
+  against 1: 11.5064 / 11.5071 on Exodus, 14.8751 / 15.0505 and 17.4984 / 17.6627 on the two
+  other texts (static int8 is far from F32 on those, whatever the search), 1162 s against 796 s.
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
@@ -85,8 +87,8 @@ S_MIN = 1e-5  # smallest scale (SmoothQuant's clamp)
 CLIP_RATIOS = np.float32(0.05) ** (np.arange(31, dtype=np.float32) / np.float32(30))  # static clip candidates
 STATIC_SCALES = ("mse", "max")
 SEARCH_ROWS = 512  # rows of each input the static clips of the block search are chosen on
-# chunks the per-token W8A8 search runs by default (static and llama.cpp's kernels: 1); see the module docstring
-SEARCH_CHUNKS_TOKEN = 4
+# chunks the W8A8 search runs by default (llama.cpp's kernels: 1); see the module docstring
+SEARCH_CHUNKS_W8A8 = 4
 
 
 @dataclass(frozen=True)
@@ -388,7 +390,7 @@ class SmoothObserver(Observer, name="smooth"):
                  search_chunks: int | None = None, weight_types: dict[str, str] | None = None) -> None:
         alpha = check_alpha(alpha)
         if search_chunks is None:
-            search_chunks = SEARCH_CHUNKS_TOKEN if activations == "token" and not weight_types else 1
+            search_chunks = 1 if weight_types else SEARCH_CHUNKS_W8A8
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
         if not 0.0 < grid <= 1.0:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
-from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, SEARCH_CHUNKS_TOKEN, LayerSmoothing, SmoothedReader,
+from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, SEARCH_CHUNKS_W8A8, LayerSmoothing, SmoothedReader,
                                        SmoothObserver, SmoothResult, expand, mappings_for, smooth_model,
                                        smooth_scales, smoothed_tensors)
 from quantcli.engine.model import Model, forward
@@ -162,7 +162,7 @@ def test_smoothing_flattens_outliers_and_lowers_the_simulated_error(tmp_path):
 def test_auto_alpha_per_token_curve_is_the_blocks_w8a8_error(tmp_path):
     """Per token, the block curve at an alpha is, from scratch, the layer smoothed at that alpha
     (its scales the fixed-alpha run's), run as the W8A8 engine runs it (int8 weights per output
-    channel, int8 activations per token) on the first SEARCH_CHUNKS_TOKEN chunks (the default),
+    channel, int8 activations per token) on the first SEARCH_CHUNKS_W8A8 chunks (the default),
     against the float layer: the mean over their tokens of ||dh||^2 / ||h||^2."""
     path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
     opts = dict(mappings="all", activations="token")
@@ -170,9 +170,9 @@ def test_auto_alpha_per_token_curve_is_the_blocks_w8a8_error(tmp_path):
         out = _with_outliers(r)
         m = Model(out)
         auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", **opts)
-        chunks = tokens()[:SEARCH_CHUNKS_TOKEN * CTX].reshape(SEARCH_CHUNKS_TOKEN, CTX).copy()
+        chunks = tokens()[:SEARCH_CHUNKS_W8A8 * CTX].reshape(SEARCH_CHUNKS_W8A8, CTX).copy()
         chunks[:, 0] = 2  # BOS, as the runner's chunks
-        assert len(tokens()) // CTX > SEARCH_CHUNKS_TOKEN > 1  # the run has more chunks than the search
+        assert len(tokens()) // CTX > SEARCH_CHUNKS_W8A8 > 1  # the run has more chunks than the search
         xs = [m.embed(c) for c in chunks]
         refs = [m.layer(0, m.layer_weights(0), x) for x in xs]
         for a in (0.0, 0.5, 0.85):

@@ -187,8 +187,8 @@ def test_imatrix_blocks_through_a_cluster_give_the_local_file(model, tmp_path, f
     assert local.read_bytes() == remote.read_bytes()
 
 
-SMOOTH_CASES = {  # the search: for llama.cpp's kernels (Q8_0), static W8A8 (its one chunk's inputs
-    # come from shard 0), per-token W8A8 (a float output: its 4 chunks' inputs from shards 0 and 1)
+SMOOTH_CASES = {  # the search: for llama.cpp's kernels (Q8_0: its one chunk's inputs come from shard 0),
+    # static and per-token W8A8 (a float output: its 4 chunks' inputs from shards 0 and 1)
     "auto-token": ["--alpha", "auto", "--mappings", "all", "--activations", "dynamic"],
     "auto-static": ["--alpha", "auto", "--mappings", "all", "--activations", "static"],
     "auto-token-f32": ["--alpha", "auto", "--mappings", "all", "--activations", "dynamic", "--type", "F32"],
