@@ -46,9 +46,9 @@ alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
   and 15.8684 (F32 13.1245, 15.5250); the block search on one chunk 9.2732 / 11.2751, 13.3174,
   15.7355; on SEARCH_CHUNKS_W8A8 = 4 chunks (the default; llama.cpp's kernels search one)
   9.2913 / 11.2537, 13.3033, 15.7041, and smoothing all 96 chunks of Genesis took 1089 s of one
-  core against 501 s. Static, 4 chunks
-  against 1: 11.5064 / 11.5071 on Exodus, 14.8751 / 15.0505 and 17.4984 / 17.6627 on the two
-  other texts (static int8 is far from F32 on those, whatever the search), 1162 s against 796 s.
+  core against 501 s. Static, 4 chunks against 1: 11.5064 / 11.5071 on Exodus, 14.8751 / 15.0505
+  and 17.4984 / 17.6627 on the two other texts (static int8 is far from F32 on those, whatever
+  the search), 1162 s against 796 s.
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
