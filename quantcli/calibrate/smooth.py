@@ -24,7 +24,8 @@ goes through act(gate) * up, which is linear in up.
     for name, w in smoothed_tensors(reader, result): ...           # the smoothed model, tensor by tensor
     Model(SmoothedReader(reader, result))                          # ... or as a reader, to evaluate it
 
-alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
+alpha="auto" searches the grid 0, 0.05, ..., 1, and last NaN, "left as it is" (scales 1, which
+no alpha gives: alpha 0 is 1 / max|W_j|), for what the int8 engine will do:
 
 - W8A8 (a float output; static per-tensor or per-token activations, `activations`): the smallest
   error of the whole block run as W8A8 (every linear, attention, norms) on `search_chunks`
@@ -48,7 +49,9 @@ alpha="auto" searches the grid 0, 0.05, ..., 1 for what the int8 engine will do:
   9.2913 / 11.2537, 13.3033, 15.7041, and smoothing all 96 chunks of Genesis took 1089 s of one
   core against 501 s. Static, 4 chunks against 1: 11.5064 / 11.5071 on Exodus, 14.8751 / 15.0505
   and 17.4984 / 17.6627 on the two other texts (static int8 is far from F32 on those, whatever
-  the search), 1162 s against 796 s.
+  the search), 1162 s against 796 s. With "left as it is" in the grid, per token leaves ffn_down
+  of layers 0 and 5 and attn_v -> attn_output of layer 12 as they are (-, 11.2464, 13.2917,
+  15.7185); static only layer 17's attn_v -> attn_output (-, 11.5074, 14.8795, 17.4955).
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
@@ -181,6 +184,20 @@ def fold(short: str, arr: np.ndarray, scales: dict[str, np.ndarray], mappings: t
         elif short in m.consumers:
             out = out * expand(m, s, cfg)[None, :]
     return out
+
+
+def _same(a: float, b: float) -> bool:
+    """Whether two alphas are the same choice (NaN, left as it is, is itself)."""
+    return a == b or (np.isnan(a) and np.isnan(b))
+
+
+def _layer_alpha(alphas: list[float]) -> float:
+    """A layer's one alpha from its mappings': the common value, or the mean of those that
+    smooth where they differ; NaN where every mapping is left as it is."""
+    moved = [a for a in alphas if not np.isnan(a)]
+    if not moved:
+        return float("nan")
+    return moved[0] if len(set(moved)) == 1 else float(np.mean(moved))
 
 
 def _mean_relative_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
@@ -436,10 +453,9 @@ class SmoothObserver(Observer, name="smooth"):
         return LayerInputs(act_max, sample, heads)
 
     def alpha_grid(self) -> np.ndarray:
-        """The alphas `--alpha auto` tries: 0, grid, 2 grid, ..., 1; for llama.cpp's kernels also
-        NaN, the layer left as it is (scales 1), last, so that a tie keeps the smoothing."""
-        grid = np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6)
-        return np.append(grid, np.nan) if self.weight_types is not None else grid
+        """The alphas `--alpha auto` tries: 0, grid, 2 grid, ..., 1, then NaN, left as it is
+        (scales 1; no alpha gives those), last, so that a tie keeps the smoothing."""
+        return np.append(np.round(np.arange(0.0, 1.0 + 1e-9, self.grid), 6), np.nan)
 
     def _maxima(self, weights: dict[str, np.ndarray], inputs: LayerInputs) -> tuple[dict, dict]:
         """Per mapping, per scale channel: max|X_j| of its input and max|W_j| over its consumers."""
@@ -488,7 +504,7 @@ class SmoothObserver(Observer, name="smooth"):
 
         best = error(alphas)
         for m in self.result_.mappings:
-            errs = np.array([best if float(a) == alphas[m.name] else error({**alphas, m.name: float(a)})
+            errs = np.array([best if _same(float(a), alphas[m.name]) else error({**alphas, m.name: float(a)})
                              for a in grid])
             k = int(np.argmin(errs))
             if errs[k] < best:
@@ -530,8 +546,7 @@ class SmoothObserver(Observer, name="smooth"):
         static = self._static(act_max, sample, s)
         after = self._errors(weights, sample, refs, s, static)
         fold_layer(weights, s, res.mappings, cfg)
-        vals = list(alphas.values())
-        layer_alpha = vals[0] if len(set(vals)) == 1 or any(np.isnan(vals)) else float(np.mean(vals))
+        layer_alpha = _layer_alpha(list(alphas.values()))
         layer = LayerSmoothing(layer_alpha, s, act_max, before, after,
                                curves, {k: v.astype(np.float32) for k, v in w_max.items()}, alphas, static or {})
         res.layers[il] = layer

@@ -16,13 +16,12 @@ from quantcli.pipelines import smooth as pipeline
 
 
 def _alpha(row: dict) -> str:
-    """A layer's alpha: one number, "as is", or each mapping's (a/b/c/d, in table order) where they differ."""
+    """A layer's alpha: one number, "as is", or each mapping's (a/b/c/d, in table order, "-" for
+    one left as it is) where they differ."""
     alphas = list(row["alphas"].values())
-    if row["alpha"] is None:
-        return "as is"
     if len(set(alphas)) > 1:
-        return "/".join(f"{a:.2f}" for a in alphas)
-    return f"{row['alpha']:.2f}"
+        return "/".join("-" if a is None else f"{a:.2f}" for a in alphas)
+    return "as is" if alphas[0] is None else f"{alphas[0]:.2f}"
 
 
 def render(result: pipeline.SmoothRunResult) -> None:

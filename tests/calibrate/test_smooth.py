@@ -191,7 +191,7 @@ def test_auto_alpha_picks_the_blocks_minimum(tmp_path, activations):
     """The W8A8 search (static or per token): one alpha for the layer at the block curve's
     minimum, then each mapping's own alpha, in table order, at the minimum of its curve with the
     others held; an alpha moves only where that lowers the block error, and the scales are
-    SmoothQuant's at each one."""
+    SmoothQuant's at each one. The grid's last candidate, NaN, leaves a mapping as it is (scales 1)."""
     path = write_model(tmp_path / "m.gguf", "gemma3", n_layer=2)
     with open_model(path) as r:
         out = _with_outliers(r)
@@ -199,28 +199,32 @@ def test_auto_alpha_picks_the_blocks_minimum(tmp_path, activations):
         auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations=activations,
                             search_chunks=2)
         fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", activations=activations)
-    grid = np.round(np.arange(0, 1.0001, 0.05), 6)
+    grid = np.append(np.round(np.arange(0, 1.0001, 0.05), 6), np.nan)
     names = [mp.name for mp in auto.mappings]
     moved = 0
     for layer in auto.layers.values():
         curve = layer.alpha_errors["block"]
         assert sorted(layer.alpha_errors) == sorted(["block"] + [f"block:{n}" for n in names])
-        assert curve.shape == (21,) and curve.max() > curve.min()
+        assert curve.shape == (22,) and curve.max() > curve.min()
         start = int(np.argmin(curve))
         best = curve.min()
         for n in names:  # at the time of its turn, mapping n's alpha is still the layer's (start)
             c = layer.alpha_errors[f"block:{n}"]
-            assert c.shape == (21,) and c[start] == pytest.approx(best, rel=1e-5)
-            k = int(round(layer.alphas[n] / 0.05))
-            assert grid[k] == layer.alphas[n] and c[k] == c.min()
+            assert c.shape == (22,) and c[start] == pytest.approx(best, rel=1e-5)
+            a = layer.alphas[n]
+            k = 21 if np.isnan(a) else int(round(a / 0.05))
+            assert (np.isnan(grid[k]) if np.isnan(a) else grid[k] == a) and c[k] == c.min()
             if k != start:
                 moved += 1
                 assert c[k] < c[start]
             best = c.min()
         assert best <= curve.min()
-        assert layer.alpha == pytest.approx(float(np.mean([layer.alphas[n] for n in names])))
-        for mp in auto.mappings:  # each mapping's scales are SmoothQuant's at its own alpha
-            want = smooth_scales(layer.channel_max(mp, auto.config), layer.weight_max[mp.name], layer.alphas[mp.name])
+        finite = [layer.alphas[n] for n in names if not np.isnan(layer.alphas[n])]
+        assert layer.alpha == pytest.approx(float(np.mean(finite))) if finite else np.isnan(layer.alpha)
+        for mp in auto.mappings:  # each mapping's scales are SmoothQuant's at its own alpha, or ones
+            a = layer.alphas[mp.name]
+            want = (np.ones_like(layer.scales[mp.name]) if np.isnan(a)
+                    else smooth_scales(layer.channel_max(mp, auto.config), layer.weight_max[mp.name], a))
             assert np.array_equal(layer.scales[mp.name], want), mp.name
     assert moved > 0  # on these outliers some mapping does better at an alpha of its own
     assert all(not lay.alpha_errors and set(lay.alphas.values()) == {0.5} for lay in fixed.layers.values())

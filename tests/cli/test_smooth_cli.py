@@ -79,12 +79,14 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
     assert doc["calibration"]["sha256"] == file_sha256(text)
     for layer in doc["layers"]:
         # static activations: the whole block's simulated error, for one alpha per layer, then
-        # for each mapping's own; the layer's alpha is their mean
+        # for each mapping's own (the grid's 21 alphas, then "left as it is", null); the layer's
+        # alpha is the mean of those that smooth
         curves = layer["alpha_grid_errors"]
         assert list(curves) == ["block"] + [f"block:{m}" for m in doc["mappings"]]
-        assert all(len(c) == 21 for c in curves.values())
-        alphas = [m["alpha"] for m in layer["mappings"].values()]
-        assert all(0.0 <= a <= 1.0 for a in alphas) and layer["alpha"] == pytest.approx(np.mean(alphas), abs=1e-6)
+        assert all(len(c) == 22 for c in curves.values())
+        alphas = [m["alpha"] for m in layer["mappings"].values() if m["alpha"] is not None]
+        assert all(0.0 <= a <= 1.0 for a in alphas)
+        assert layer["alpha"] == (pytest.approx(np.mean(alphas), abs=1e-6) if alphas else None)
         assert set(layer["static_max"]) == {f"blk.{layer['layer']}.{k}.weight"
                                             for k in ("attn_q", "attn_output", "ffn_gate", "ffn_down")}
         m = layer["mappings"]["attn_norm->qkv"]
@@ -155,7 +157,7 @@ def test_auto_for_a_quantized_gguf_can_leave_a_layer_as_it_is(setup, monkeypatch
     assert res.exit_code == 0, res.output
     for layer in json.loads(doc_path.read_text())["layers"]:
         assert list(layer["alpha_grid_errors"]) == ["block", "block:attn_norm->qkv", "block:ffn_norm->gate_up"]
-        assert all(len(v) == 21 for v in layer["alpha_grid_errors"].values())
+        assert all(len(v) == 22 for v in layer["alpha_grid_errors"].values())
 
 
 def test_problem_layers_are_named_and_kept_at_the_asked_type(setup):
@@ -279,3 +281,16 @@ def test_plot_is_written_or_refused_before_the_run(setup):
         return
     assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_terminal_shows_each_mappings_alpha_and_those_left_as_they_are():
+    """The table's alpha column: one number, "as is" for a layer left whole, and a/b/c/d in table
+    order where the mappings differ, "-" for one the search left as it is (alpha null)."""
+    from quantcli.cli.smooth import _alpha
+
+    names = ["attn_norm->qkv", "ffn_norm->gate_up", "attn_v->attn_output", "ffn_up->ffn_down"]
+    assert _alpha({"alpha": 0.85, "alphas": dict.fromkeys(names, 0.85)}) == "0.85"
+    assert _alpha({"alpha": None, "alphas": dict.fromkeys(names)}) == "as is"
+    mixed = dict(zip(names, [0.85, 0.6, None, 0.3]))
+    assert _alpha({"alpha": 0.5833, "alphas": mixed}) == "0.85/0.60/-/0.30"
+
