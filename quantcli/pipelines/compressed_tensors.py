@@ -76,6 +76,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 FUSED = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
 
 
+def fused_group(name: str) -> list[str]:
+    """The GGUF names vLLM runs as one matmul with block linear `name` (itself included): q/k/v
+    and gate/up of a layer share one scheme, so they are quantized, or left out, together."""
+    layer, kind = block_linear(name)  # type: ignore[misc]
+    return [f"blk.{layer}.{k}.weight" for k in next((g for g in FUSED if kind in g), (kind,))]
+
+
+def with_fused(names: Iterable[str]) -> set[str]:
+    """`names` (GGUF block linears) with the rest of each one's fused group (`fused_group`)."""
+    return {m for name in names for m in fused_group(name)}
+
+
 @dataclass(frozen=True)
 class CTResult:
     out_dir: Path
@@ -219,13 +231,11 @@ def _check_linears(reader: Any, linears: Iterable[str], scheme: str = "W8A8") ->
             raise UsageError(f"'{name}' has rows of {reader.tensors[name].shape[1]} values, which do not split "
                              f"into W4A16's groups of {GROUP}", hint="leave it out of the quantized linears")
     for name in sorted(chosen):
-        layer, kind = block_linear(name)  # type: ignore[misc]
-        group = next((g for g in FUSED if kind in g), (kind,))
-        members = [f"blk.{layer}.{k}.weight" for k in group if f"blk.{layer}.{k}.weight" in reader.tensors]
-        left = [m for m in members if m not in chosen]
+        group = fused_group(name)
+        left = [m for m in group if m in reader.tensors and m not in chosen]
         if left:
             raise UsageError(f"{name} is chosen for {what} but {', '.join(left)} is not: vLLM runs "
-                             f"{' + '.join(group)} of a layer as one matmul with one scheme",
+                             f"{' + '.join(g.split('.')[2] for g in group)} of a layer as one matmul with one scheme",
                              hint="quantize all of them or none")
     return chosen
 
@@ -247,10 +257,7 @@ def _input_scales(chosen: set[str], input_max: Mapping[str, float] | None) -> di
             raise NumericError(f"input_max[{name}] is {amax}: a static scale needs a finite max|x| > 0")
     scales = {}
     for name in chosen:
-        layer, kind = block_linear(name)  # type: ignore[misc]
-        group = next((g for g in FUSED if kind in g), (kind,))
-        amax = max(float(input_max[f"blk.{layer}.{k}.weight"]) for k in group
-                   if f"blk.{layer}.{k}.weight" in chosen)
+        amax = max(float(input_max[m]) for m in fused_group(name) if m in chosen)
         scales[name] = np.float32(np.float32(amax) / np.float32(QMAX))
     return scales
 

@@ -340,11 +340,7 @@ def run_compressed_tensors(opts: QuantizeOptions, progress: ProgressFn | None, w
 
         linears = [n for n, i in reader.tensors.items() if block_linear(n) is not None and len(i.shape) == 2]
         if scheme == "W4A16":
-            skipped = {n for n in linears if reader.tensors[n].shape[1] % ct.GROUP}
-            for n in list(skipped):  # vLLM runs q/k/v and gate/up as one matmul: all or none of them
-                layer, kind = block_linear(n)  # type: ignore[misc]
-                group = next((g for g in ct.FUSED if kind in g), (kind,))
-                skipped |= {f"blk.{layer}.{k}.weight" for k in group}
+            skipped = ct.with_fused(n for n in linears if reader.tensors[n].shape[1] % ct.GROUP) & set(linears)
             if skipped:
                 warn(f"{len(skipped)} linears (e.g. {sorted(skipped)[0]}) have rows that do not split into groups "
                      f"of {ct.GROUP}: kept in their stored dtype")

@@ -377,7 +377,12 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         gptq = gptq_obs.result() if gptq_obs is not None else None
         calibration_seconds = time.perf_counter() - t0
         problems = problems_of(result, opts.problem_error, opts, alpha)
-        kept = sorted(n for p in problems for n in p.linears) if opts.keep_problem_layers else []
+        kept = [n for p in problems for n in p.linears] if opts.keep_problem_layers else []
+        if opts.format == "compressed-tensors":  # vLLM runs q/k/v and gate/up as one matmul, one scheme
+            from quantcli.pipelines.compressed_tensors import with_fused
+
+            kept = [n for n in with_fused(kept) if n in reader.tensors]
+        kept = sorted(kept)
         smoothed = SmoothedReader(reader, result)
         meta = recipe(result, opts, calib_sha, n_chunks, kept)
         if opts.format == "gguf":

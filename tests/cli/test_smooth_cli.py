@@ -294,3 +294,40 @@ def test_the_terminal_shows_each_mappings_alpha_and_those_left_as_they_are():
     mixed = dict(zip(names, [0.85, 0.6, None, 0.3]))
     assert _alpha({"alpha": 0.5833, "alphas": mixed}) == "0.85/0.60/-/0.30"
 
+
+def test_compressed_tensors_keeps_whole_fused_groups_out_of_int8(setup):
+    """vLLM runs a layer's q/k/v (and gate/up) as one matmul with one scheme and refuses a
+    directory that quantizes some of them: where only some are problem linears,
+    `--keep-problem-layers` keeps the whole group in float, listed in `ignore`."""
+    from safetensors.numpy import load_file
+
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=2)
+    common = [str(src), "--calib", str(text), *CTX, "--format", "compressed-tensors", "--json"]
+    probe = smooth(*common, "-o", str(tmp / "probe"))
+    assert probe.exit_code == 0, probe.output
+    errs = {n: e["after"] for row in json.loads(probe.stdout)["layers"] for n, e in row["error"].items()}
+    qkv = [f"blk.0.{k}.weight" for k in ("attn_q", "attn_k", "attn_v")]
+    lo, hi = min(errs[n] for n in qkv), max(errs[n] for n in qkv)
+    assert lo < hi
+    threshold = (lo + hi) / 2  # some of layer 0's q/k/v above it, some below
+    res = smooth(*common, "-o", str(tmp / "kept"), "--problem-error", f"{threshold:.9g}",
+                 "--keep-problem-layers", "F16")
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    named = {n for p in summary["problems"] for n in p["linears"]}
+    assert named & set(qkv) and set(qkv) - named  # the problems split the group ...
+    kept = set(summary["kept"])
+    assert set(qkv) <= kept and named <= kept  # ... what is kept does not
+    groups = [("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up")]
+    for n in kept:  # every kept linear's group is kept whole
+        layer, kind = int(n.split(".")[1]), n.split(".")[2]
+        group = next((g for g in groups if kind in g), (kind,))
+        assert {f"blk.{layer}.{k}.weight" for k in group} <= kept
+    config = json.loads((tmp / "kept" / "config.json").read_text())
+    ignore = set(config["quantization_config"]["ignore"])
+    tensors = load_file(tmp / "kept" / "model.safetensors")
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}"
+        assert name in ignore
+        assert tensors[f"{name}.weight"].dtype == np.float32 and f"{name}.weight_scale" not in tensors
