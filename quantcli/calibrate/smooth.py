@@ -50,8 +50,9 @@ no alpha gives: alpha 0 is 1 / max|W_j|), for what the int8 engine will do:
   core against 501 s. Static, 4 chunks against 1: 11.5064 / 11.5071 on Exodus, 14.8751 / 15.0505
   and 17.4984 / 17.6627 on the two other texts (static int8 is far from F32 on those, whatever
   the search), 1162 s against 796 s. With "left as it is" in the grid, per token leaves ffn_down
-  of layers 0 and 5 and attn_v -> attn_output of layer 12 as they are (-, 11.2464, 13.2917,
-  15.7185); static only layer 17's attn_v -> attn_output (-, 11.5074, 14.8795, 17.4955).
+  of layers 0 and 5 and attn_v -> attn_output of layer 12 as they are (9.2921 / 11.2464,
+  13.2917, 15.7185); static only layer 17's attn_v -> attn_output (9.5522 / 11.5074, 14.8795,
+  17.4955).
 
 - llama.cpp's CPU kernels (`weight_types`: the GGUF's planned type of each block linear, given
   when the output is a quantized GGUF): one alpha per layer, or the layer left as it is (NaN, the
