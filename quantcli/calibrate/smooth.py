@@ -67,6 +67,21 @@ max|x| (scale * 127) among max * 0.05^(k/30), k = 0..30, that minimises sum((dq(
 the sampled rows — llm-compressor's `mse` observer: it clips the rare massive activations (BOS,
 super-weight channels) that would otherwise leave typical tokens a few int8 steps; "max" takes
 the calibration maximum.
+
+`activations="hybrid"` simulates static per-tensor scales on every linear but ffn_down, whose
+input is quantized per token (engine/w8a8.py says why: ffn_down's input channels are the MLP's
+neurons, and which fire depends on the text).
+
+A channel the calibration saw quiet: SmoothQuant divides channel j by s_j, which grows with
+max|X_j|, so a channel that was small on the calibration text is amplified, at alpha 1 to the
+same level as the loudest. On text unlike the calibration text such a channel can fire far
+beyond its calibration maximum (ffn_down's inputs on Gemma 3 270M: 8-32x, smoothed on Genesis,
+on the licenses and Vim's manual), and its amplified value sets a per-token scale or clips
+under a static one. `channel_floor` q raises each max|X_j| to at least the q-quantile of the
+input's channel maxima before s is computed, so no channel is amplified beyond that quantile's;
+the transform stays exact (any s > 0 is). It is off by default: the search cannot choose it
+(the calibration text rewards amplifying what it saw), and it trades the calibration text's
+domain for others' (see the README's measurements).
 """
 
 from __future__ import annotations
@@ -82,7 +97,7 @@ from quantcli.calibrate.absmax import fold_max
 from quantcli.calibrate.runner import Observer, Probe, RunOptions, run_calibration
 from quantcli.engine.model import LINEARS, Model
 from quantcli.engine.ops import activation_type
-from quantcli.engine.w8a8 import MODES, W8A8, fake_quant_activations, fake_quant_weight
+from quantcli.engine.w8a8 import MODES, W8A8, fake_quant_activations, fake_quant_weight, mode_of
 from quantcli.errors import InputError, UsageError
 from quantcli.formats.base import ModelReader
 from quantcli.progress import ProgressFn
@@ -93,6 +108,8 @@ STATIC_SCALES = ("mse", "max")
 SEARCH_ROWS = 512  # rows of each input the static clips of the block search are chosen on
 # chunks the W8A8 search runs by default (llama.cpp's kernels: 1); see the module docstring
 SEARCH_CHUNKS_W8A8 = 4
+# the quantile `channel_floor` suggests (measured on Gemma 3 270M; see the module docstring)
+CHANNEL_FLOOR = 0.75
 
 
 @dataclass(frozen=True)
@@ -140,11 +157,17 @@ def check_alpha(alpha: Any) -> float | str:
     return a
 
 
-def smooth_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+def smooth_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, floor: float = 0.0) -> np.ndarray:
     """s_j = max|X_j|^a / max|W_j|^(1-a), clamped to >= 1e-5; 1 where either maximum is 0 or the
-    result is not finite. act_max, weight_max [n] -> float32 [n]."""
+    result is not finite. act_max, weight_max [n] -> float32 [n]. With floor q in (0, 1], max|X_j|
+    is first raised to at least the q-quantile of the input's (positive, finite) channel maxima:
+    a channel the calibration saw quiet is not amplified beyond that quantile's (CHANNEL_FLOOR)."""
     x = np.asarray(act_max, np.float64)
     w = np.asarray(weight_max, np.float64)
+    if floor > 0:
+        seen = x[(x > 0) & np.isfinite(x)]
+        if seen.size:
+            x = np.where(x > 0, np.maximum(x, np.quantile(seen, floor)), x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         s = np.power(x, alpha) / np.power(w, 1.0 - alpha)
     ok = (x > 0) & (w > 0) & np.isfinite(s)
@@ -291,6 +314,7 @@ class SmoothResult:
     config: Any  # the model's ModelConfig (heads, dims)
     alpha: float | str  # as asked: a number or "auto"
     layers: dict[int, LayerSmoothing] = field(default_factory=dict)
+    channel_floor: float = 0.0  # the quantile each channel's max|X_j| was floored at for s (0: none)
 
     def fold(self, name: str, arr: np.ndarray) -> np.ndarray:
         """Tensor `name` (full GGUF name) of the model with the scales folded in (others unchanged)."""
@@ -405,10 +429,13 @@ class SmoothObserver(Observer, name="smooth"):
 
     def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
                  activations: str = "tensor", max_rows: int = 2048, static_scales: str = "mse",
-                 search_chunks: int | None = None, weight_types: dict[str, str] | None = None) -> None:
+                 search_chunks: int | None = None, weight_types: dict[str, str] | None = None,
+                 channel_floor: float = 0.0) -> None:
         alpha = check_alpha(alpha)
         if search_chunks is None:
             search_chunks = 1 if weight_types else SEARCH_CHUNKS_W8A8
+        if not 0.0 <= channel_floor <= 1.0:
+            raise UsageError(f"the channel floor is a quantile in [0, 1], got {channel_floor}")
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
         if not 0.0 < grid <= 1.0:
@@ -421,7 +448,8 @@ class SmoothObserver(Observer, name="smooth"):
             raise UsageError(f"unknown static scales '{static_scales}'; known: {', '.join(STATIC_SCALES)}")
         weight_types = dict(sorted(weight_types.items())) if weight_types else None
         super().__init__(alpha=alpha, mappings=mappings, grid=grid, activations=activations, max_rows=max_rows,
-                         static_scales=static_scales, search_chunks=search_chunks, weight_types=weight_types)
+                         static_scales=static_scales, search_chunks=search_chunks, weight_types=weight_types,
+                         channel_floor=channel_floor)
         self.alpha = alpha  # SmoothQuant migration strength, or "auto": searched (see the module docstring)
         self.mappings = mappings  # "norm": norm -> linears; "all": also attn_v -> attn_output, ffn_up -> ffn_down
         self.grid = grid  # step of the auto search's alpha grid over [0, 1]
@@ -432,12 +460,14 @@ class SmoothObserver(Observer, name="smooth"):
         # the GGUF's planned type of each block linear (weight name -> GGML type): `--alpha auto`
         # then searches for llama.cpp's CPU kernels (see _ggml_block_error), "left as it is" included
         self.weight_types = weight_types
+        self.channel_floor = float(channel_floor)  # quantile each channel's max|X_j| is raised to (0: none)
         self.result_: SmoothResult | None = None
 
     def begin(self, model: Model, chunks: np.ndarray) -> None:
         cfg = model.config
         self.model_ = model
-        self.result_ = SmoothResult(cfg.arch, mappings_for(cfg.arch, self.mappings), cfg, self.alpha)
+        self.result_ = SmoothResult(cfg.arch, mappings_for(cfg.arch, self.mappings), cfg, self.alpha,
+                                    channel_floor=self.channel_floor)
         self.rows_ = sample_rows(chunks, self.max_rows)  # sampled positions per chunk
 
     # -- the layer --------------------------------------------------------------------------------
@@ -468,9 +498,11 @@ class SmoothObserver(Observer, name="smooth"):
         return a_max, w_max
 
     def _scales(self, a_max: dict, w_max: dict, alphas: dict[str, float]) -> dict[str, np.ndarray]:
-        """Per mapping its scales at its alpha; ones (nothing moved) where the alpha is NaN."""
+        """Per mapping its scales at its alpha (with the channel floor); ones (nothing moved) where
+        the alpha is NaN."""
         return {name: (np.ones_like(a_max[name], dtype=np.float32) if np.isnan(alphas[name])
-                       else smooth_scales(a_max[name], w_max[name], alphas[name])) for name in a_max}
+                       else smooth_scales(a_max[name], w_max[name], alphas[name], self.channel_floor))
+                for name in a_max}
 
     def _refs(self, weights: dict[str, np.ndarray], sample: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """X @ W.T of every smoothed linear on the sampled rows."""
@@ -578,7 +610,8 @@ class SmoothObserver(Observer, name="smooth"):
         for m in res.mappings:
             s = expand(m, scales[m.name], res.config)
             inp = m.consumers[0]
-            xq = fake_quant_activations(sample[inp] / s, self.activations, None if static is None else static[inp])
+            xq = fake_quant_activations(sample[inp] / s, mode_of(self.activations, inp),
+                                        None if static is None else static[inp])
             for c in m.consumers:
                 ref = refs[c]  # x @ W.T
                 diff = xq @ fake_quant_weight(weights[c] * s[None, :]).T - ref

@@ -212,10 +212,12 @@ def report(
     chunks: Optional[int] = typer.Option(None, "--chunks", help="At most this many chunks."),
     base: Optional[Path] = typer.Option(None, "--base", help="Reference model for KL divergence and top-1 agreement."),
     simulate: Optional[str] = typer.Option(None, "--simulate", help="Evaluate as an int8 engine runs it: "
-                                           "w8a8[:token|:tensor] (per-token dynamic, or per-tensor static "
+                                           "w8a8[:token|:tensor|:hybrid] (per-token dynamic, or per-tensor static "
                                            "activation scales: those a smoothed model records, else "
-                                           "--calib's maxima, else the eval text's)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="w8a8:tensor: text whose maxima give the static scales."),
+                                           "--calib's maxima, else the eval text's; hybrid: static but "
+                                           "ffn_down per token)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="w8a8:tensor/hybrid: text whose maxima give the "
+                                         "static scales."),
     measurement: Optional[Path] = typer.Option(None, "--measurement", help="Sensitivity measurement (JSON, quantize "
                                                "--measurement) whose estimates of each tensor's dKLD at its type "
                                                "replace the file's own."),
@@ -271,8 +273,8 @@ def report(
         raise UsageError("--base needs --eval-text")
     if simulate is not None and eval_text is None:
         raise UsageError("--simulate needs --eval-text")
-    if calib is not None and simulate != "w8a8:tensor":
-        raise UsageError("--calib gives static activation scales: it needs --simulate w8a8:tensor")
+    if calib is not None and simulate not in ("w8a8:tensor", "w8a8:hybrid"):
+        raise UsageError("--calib gives static activation scales: it needs --simulate w8a8:tensor or w8a8:hybrid")
     evaluation = pipeline.EvalOptions(eval_text, ctx, chunks, base, simulate, calib) if eval_text else None
     with progress_bar(as_json or evaluation is None, "evaluate") as progress:
         rep = pipeline.run(file, evaluation, progress, measurement=measurement, plot=plot)

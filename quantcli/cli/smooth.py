@@ -68,8 +68,11 @@ def smooth(
     ctx: int = typer.Option(512, "--ctx", "-c", help="Tokens per chunk."),
     fmt: str = typer.Option("gguf", "--format", help="gguf (through the quantize pipeline) or compressed-tensors (vLLM W8A8)."),
     preset: str = typer.Option("Q8_0", "--type", "-t", help="GGUF preset for the smoothed model."),
-    activations: str = typer.Option("dynamic", "--activations", help="int8 activations: dynamic (per token) or static (per tensor)."),
+    activations: str = typer.Option("dynamic", "--activations", help="int8 activations: dynamic (per token), static (per tensor), or hybrid (static, ffn_down per token)."),
     static_scales: str = typer.Option("mse", "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max."),
+    channel_floor: float = typer.Option(0.0, "--channel-floor", help="Raise each channel's activation maximum to this "
+                                        "quantile of its input's before computing s (0: SmoothQuant's formula; "
+                                        "0.75 suggested for texts unlike --calib)."),
     scales_out: Optional[Path] = typer.Option(None, "--scales-out", help="Per-layer, per-channel scales and maxima as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of per-channel activation maxima before/after (needs matplotlib)."),
     keep_problem_layers: Optional[str] = typer.Option(None, "--keep-problem-layers", help="Type (e.g. F16) for the linears of problem layers."),
@@ -92,7 +95,8 @@ def smooth(
     """SmoothQuant: move activation outliers into the weights (an exact transform) for W8A8 engines."""
     opts = pipeline.SmoothOptions(
         model=model, output=output, calib=calib, alpha=alpha, mappings=mappings, chunks=chunks, ctx=ctx,
-        format=fmt, type=preset, activations=activations, static_scales=static_scales, scales_out=scales_out, plot=plot,
+        format=fmt, type=preset, activations=activations, static_scales=static_scales, channel_floor=channel_floor,
+        scales_out=scales_out, plot=plot,
         keep_problem_layers=keep_problem_layers, problem_error=problem_error, tokenizer=tokenizer,
         allow_requantize=allow_requantize, checkpoint_dir=checkpoint_dir, keep_checkpoints=keep_checkpoints,
         threads=threads, force=force, ray=ray_option(ray, ray_address), gptq=gptq)

@@ -171,7 +171,7 @@ class Model:
             if self.simulate is not None:
                 if self.simulate.int8(full):  # (a linear the engine keeps in float sees its input as it is)
                     # q/k/v (gate/up) share per-token scales; static per-tensor ones are per weight
-                    key = (id(h), "" if self.simulate.mode == "token" else full)
+                    key = (id(h), "" if self.simulate.dynamic(full) else full)
                     if key not in rounded:
                         rounded[key] = (h, self.simulate.activations(full, h))
                     xin = rounded[key][1]

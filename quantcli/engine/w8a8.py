@@ -15,12 +15,20 @@ accumulation times the two scales gives the same values.
     model = Model(reader, simulate=sim)      # every block linear runs W8A8; head and embeddings do not
     W8A8("token", keep=frozenset({"blk.3.ffn_down.weight"}))           # ... but that one in float
     sat = Saturation(); W8A8("tensor", act_max=..., saturation=sat)      # tallies what static scales clip
+    W8A8("hybrid", act_max=...)        # static per-tensor, but ffn_down's input per token (DYNAMIC_IN_HYBRID)
 
 Static scales come from calibration text; another text can go beyond them, and those values clip
 (a rare feature's spike, cut to the scale). `Saturation` counts, per linear, the tokens whose input
 has a value the static scale cannot hold (|x| / scale beyond 127.5, or -128.5) and the largest
 max|x| / scale-max ratio seen (on Gemma 3 270M smoothed on Genesis, every linear clips some Exodus
 token, up to 8x its scale).
+
+"hybrid" is static per-tensor except ffn_down's input, which is per token. That input is
+act(gate) * up, the MLP's neurons, and which neurons fire depends on the text: on Gemma 3 270M
+smoothed on Genesis, the Debian license texts and Vim's manual drive some channel of every
+layer's ffn_down input 8-32x beyond its Genesis maximum (the same inputs of the other linears:
+1-4x), and static scales calibrated on Genesis clip those by 5-28x. vLLM runs such a checkpoint
+with two schemes (compressed-tensors config groups), all of it int8.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import numpy as np
 
 from quantcli.errors import InputError, UsageError
 
-MODES = ("token", "tensor")
+MODES = ("token", "tensor", "hybrid")
+DYNAMIC_IN_HYBRID = ("ffn_down",)  # the linears (short names) "hybrid" quantizes per token
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, as compressed-tensors' symmetric int8)
 
 
@@ -86,6 +95,16 @@ def fake_quant_activations(x: np.ndarray, mode: str, act_max: float | None = Non
     return dequantize(*quantize_per_tensor(x, act_max))
 
 
+def mode_of(mode: str, name: str) -> str:
+    """How the W8A8 mode `mode` quantizes the input of the linear with weight (or short) name
+    `name`: "token" or "tensor"."""
+    if mode == "hybrid":
+        parts = name.split(".")
+        short = parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+        return "token" if short in DYNAMIC_IN_HYBRID else "tensor"
+    return mode
+
+
 @dataclass
 class Saturation:
     """Per linear (weight name), what its static per-tensor activation scale clipped: `tokens`
@@ -129,7 +148,8 @@ class Saturation:
 class W8A8:
     """What `Model(reader, simulate=W8A8(...))` runs the block linears as."""
 
-    mode: str = "token"  # "token": dynamic per-token activation scales; "tensor": static per-tensor
+    mode: str = "token"  # "token": dynamic per-token activation scales; "tensor": static per-tensor;
+    #   "hybrid": static per-tensor, ffn_down per token
     act_max: Mapping[str, float] | None = field(default=None, compare=False, repr=False)  # weight name -> max|x|
     keep: frozenset[str] = frozenset()  # weight names the engine runs in float (a smoothed model's kept linears)
     saturation: Saturation | None = field(default=None, compare=False, repr=False)  # static: tally clipping
@@ -140,9 +160,13 @@ class W8A8:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"unknown W8A8 activation mode '{self.mode}'; known: {', '.join(MODES)}")
-        if self.mode == "tensor" and self.act_max is None:
+        if self.mode != "token" and self.act_max is None:
             raise UsageError("W8A8 with static per-tensor activations needs act_max (weight name -> max|x|); "
                              "gather it with the absmax observer, or use mode 'token'")
+
+    def dynamic(self, name: str) -> bool:
+        """Whether the input of the linear with weight `name` is quantized per token."""
+        return mode_of(self.mode, name) == "token"
 
     def int8(self, name: str) -> bool:
         """Whether the engine runs the linear with weight `name` as W8A8 (not one it keeps in float)."""
@@ -160,7 +184,7 @@ class W8A8:
 
     def activations(self, name: str, x: np.ndarray) -> np.ndarray:
         """The input x [T, n_in] of the matmul with weight `name`, as the int8 engine sees it."""
-        if self.mode == "token":
+        if self.dynamic(name):
             return fake_quant_activations(x, "token")
         try:
             amax = self.act_max[name]  # type: ignore[index]

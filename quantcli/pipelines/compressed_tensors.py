@@ -20,7 +20,11 @@ What the W8A8 directory holds:
   values `report --simulate w8a8` simulated) and `weight_scale` float32 [out, 1], the shapes
   compressed-tensors writes and vLLM's CompressedTensorsW8A8Int8 allocates; with static activations
   also `input_scale` float32 [1] = max|x| / 127 of the calibration. vLLM fuses q/k/v and gate/up
-  into one matmul with one input scale, so each of those groups gets the largest of its maxima;
+  into one matmul with one input scale, so each of those groups gets the largest of its maxima.
+  "hybrid" activations are static for every linear but ffn_down (`engine.w8a8.DYNAMIC_IN_HYBRID`),
+  dynamic per token there: two config groups whose targets are regexes of the module names'
+  last parts (`re:.*[.](q_proj|k_proj|...)$`, `re:.*[.](down_proj)$`), so no module matches both
+  and vLLM's and compressed-tensors' matching agree; only the static ones have `input_scale`;
 - everything else under its HF name (`convert.to_hf`: names, q/k row order, Gemma's norm offset)
   in the dtype it is stored in, F32, F16 or BF16; a tensor stored in a quantized GGML type
   (Q8_0, Q4_K, ...) is decoded and written F16 (the result lists them in its warnings);
@@ -56,7 +60,7 @@ from gguf import GGMLQuantizationType
 
 from quantcli.codecs import sym4
 from quantcli.convert.to_hf import HFLayout, block_linear, hf_config, stored_dtype
-from quantcli.engine.w8a8 import QMAX, quantize_weight
+from quantcli.engine.w8a8 import QMAX, mode_of, quantize_weight
 from quantcli.errors import InputError, NumericError, OutputError, UsageError
 from quantcli.formats import TensorSpec, create_writer
 from quantcli.formats.atomic import atomic_write, describe, fsync_dir
@@ -64,7 +68,7 @@ from quantcli.formats.dtypes import SAFETENSORS_DTYPES
 from quantcli.formats.safetensors import INDEX_NAME, SINGLE_NAME
 from quantcli.pipelines.common import Progress, ProgressFn, progress_or_noop
 
-ACTIVATIONS = ("dynamic", "static")
+ACTIVATIONS = ("dynamic", "static", "hybrid")  # hybrid: static, ffn_down dynamic (engine.w8a8)
 SCHEMES = ("W8A8", "W4A16")
 GROUP = 64  # W4A16's group size: the SYM4_B64 block
 SCHEMA_VERSION = "0.20.1"  # the compressed-tensors release whose config.json layout this writes
@@ -120,29 +124,40 @@ def config_of_source(reader: Any) -> dict | None:
     return getattr(getattr(reader, "source", None), "config", None) or None
 
 
-def quantization_config(activations: str, ignore: list[str], scheme: str = "W8A8") -> dict[str, Any]:
+def quantization_config(activations: str, ignore: list[str], scheme: str = "W8A8",
+                        modules: Mapping[str, Iterable[str]] | None = None) -> dict[str, Any]:
     """config.json's `quantization_config`: for int8 W8A8, weights per channel and activations per
-    token and dynamic, or (static) one scale per tensor from calibration; for W4A16, weights int4
-    symmetric in groups of 64 and activations as they are."""
+    token and dynamic, or (static) one scale per tensor from calibration, or (hybrid) each module
+    as `modules` says ({"tensor": static module names, "token": dynamic ones}: one config group
+    each, targeted by the names' last parts); for W4A16, weights int4 symmetric in groups of 64
+    and activations as they are."""
 
     def args(strategy: str, dynamic: bool, bits: int = 8, group: int | None = None) -> dict[str, Any]:
         return {"num_bits": bits, "type": "int", "symmetric": True, "group_size": group, "strategy": strategy,
                 "dynamic": dynamic}
 
-    static = activations == "static"
+    def group(targets: list[str], weights: dict[str, Any], inputs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"targets": targets, "weights": weights, "input_activations": inputs, "output_activations": None,
+                "format": None}
+
     if scheme == "W4A16":
-        weights, inputs, fmt = args("group", False, 4, GROUP), None, "pack-quantized"
+        groups = {"group_0": group(["Linear"], args("group", False, 4, GROUP), None)}
+        fmt = "pack-quantized"
+    elif activations == "hybrid":
+        if modules is None:
+            raise UsageError("hybrid activations need the modules of each scheme")
+        groups, fmt = {}, "int-quantized"
+        for mode, dynamic in (("tensor", False), ("token", True)):
+            leaves = sorted({m.rsplit(".", 1)[-1] for m in modules.get(mode, ())})
+            if leaves:
+                groups[f"group_{len(groups)}"] = group(["re:.*[.](" + "|".join(leaves) + ")$"],
+                                                       args("channel", False), args(mode, dynamic))
     else:
-        weights, inputs = args("channel", False), args("tensor", False) if static else args("token", True)
-        fmt = "int-quantized"
+        static = activations == "static"
+        inputs = args("tensor", False) if static else args("token", True)
+        groups, fmt = {"group_0": group(["Linear"], args("channel", False), inputs)}, "int-quantized"
     return {
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": weights,
-            "input_activations": inputs,
-            "output_activations": None,
-            "format": None,
-        }},
+        "config_groups": groups,
         "format": fmt,
         "global_compression_ratio": None,
         "ignore": ignore,
@@ -174,11 +189,14 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
         raise UsageError(f"unknown activation scheme '{activations}'; known: {', '.join(ACTIVATIONS)}")
     if scheme == "W4A16" and activations != "dynamic":
         raise UsageError("W4A16 quantizes no activations: static activation scales belong to W8A8")
+    # the linears whose input has a static scale ("static": all; "hybrid": all but ffn_down)
     if shard_bytes <= 0:
         raise UsageError(f"shard_bytes must be positive, not {shard_bytes}")
     out = Path(out_dir)
     chosen = _check_linears(reader, linears, scheme)
-    scales = _input_scales(chosen, input_max) if activations == "static" else {}
+    static = {n for n in chosen
+              if activations == "static" or (activations == "hybrid" and mode_of("hybrid", n) == "tensor")}
+    scales = _input_scales(static, input_max) if static else {}
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise InputError(f"{tokenizer_dir}: no such tokenizer directory")
     check_output_dir(out, [Path(reader.path)] + ([Path(tokenizer_dir)] if tokenizer_dir is not None else []), force)
@@ -186,11 +204,13 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
     config = copy.deepcopy(dict(source_config)) if source_config is not None else hf_config(reader)
     config.pop("quantization_config", None)
     layout = HFLayout.of(reader, config)
-    jobs = _plan(reader, layout, chosen, static=activations == "static", scheme=scheme)
+    jobs = _plan(reader, layout, chosen, static=static, scheme=scheme)
     if chosen:
         ignore = ["lm_head"] + [layout.module(n) for n in reader.tensors
                                 if block_linear(n) is not None and n not in chosen]
-        config["quantization_config"] = quantization_config(activations, ignore, scheme)
+        modules = {"tensor": [layout.module(n) for n in sorted(static)],
+                   "token": [layout.module(n) for n in sorted(chosen - static)]}
+        config["quantization_config"] = quantization_config(activations, ignore, scheme, modules)
     warnings = _decoded_warning(reader, jobs)
 
     tmp = _temp_dir(out)
@@ -282,7 +302,8 @@ def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
 # -- the plan ------------------------------------------------------------------------------------
 
 
-def _plan(reader: Any, layout: HFLayout, chosen: set[str], static: bool, scheme: str = "W8A8") -> list[_Job]:
+def _plan(reader: Any, layout: HFLayout, chosen: set[str], static: set[str], scheme: str = "W8A8") -> list[_Job]:
+    """What each source tensor becomes; `static`: the chosen linears with an input_scale."""
     jobs = []
     for name, info in reader.tensors.items():
         hf = layout.name(name)
@@ -298,7 +319,7 @@ def _plan(reader: Any, layout: HFLayout, chosen: set[str], static: bool, scheme:
             module, (n_out, n_in) = layout.module(name), info.shape
             specs = [TensorSpec(f"{module}.weight", (n_out, n_in), "I8"),
                      TensorSpec(f"{module}.weight_scale", (n_out, 1), "F32")]
-            if static:
+            if name in static:
                 specs.append(TensorSpec(f"{module}.input_scale", (1,), "F32"))
             jobs.append(_Job(name, tuple(specs), True))
         else:

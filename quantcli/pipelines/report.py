@@ -241,11 +241,12 @@ class EvalOptions:
     ctx: int = 512  # tokens per chunk
     chunks: int | None = None  # at most this many chunks; None: all the text holds
     base: Path | None = None  # a reference model for KL divergence and top-1 agreement
-    simulate: str | None = None  # "w8a8" / "w8a8:token" (dynamic per-token) or "w8a8:tensor" (static)
-    calib: Path | None = None  # w8a8:tensor: the text whose maxima give the static activation scales
+    simulate: str | None = None  # "w8a8" / "w8a8:token" (dynamic per-token), "w8a8:tensor" (static),
+    #   "w8a8:hybrid" (static, ffn_down per token)
+    calib: Path | None = None  # w8a8:tensor/hybrid: the text whose maxima give the static activation scales
 
 
-SIMULATIONS = {"w8a8": "token", "w8a8:token": "token", "w8a8:tensor": "tensor"}
+SIMULATIONS = {"w8a8": "token", "w8a8:token": "token", "w8a8:tensor": "tensor", "w8a8:hybrid": "hybrid"}
 
 
 def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunks: int | None,
@@ -270,9 +271,10 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     keep = recorded_kept(reader.kv)  # linears a smoothed model keeps out of int8 (--keep-problem-layers)
     if SIMULATIONS[spec] == "token":
         return W8A8("token", keep=keep), None
+    mode = SIMULATIONS[spec]
     recorded = recorded_input_max(reader.kv)
     if recorded is not None:
-        return W8A8("tensor", act_max=recorded, keep=keep, saturation=Saturation()), "recorded"
+        return W8A8(mode, act_max=recorded, keep=keep, saturation=Saturation()), "recorded"
     from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
@@ -281,7 +283,7 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
                                                  parse_special=False)
     run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="static-scales"),
                           [make_observer("static-scales")], progress)
-    return (W8A8("tensor", act_max=run.observers[0].result(), keep=keep, saturation=Saturation()),
+    return (W8A8(mode, act_max=run.observers[0].result(), keep=keep, saturation=Saturation()),
             "calib" if calib is not None else "eval-text")
 
 

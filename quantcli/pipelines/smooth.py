@@ -38,7 +38,8 @@ from quantcli.progress import collect_warnings
 DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
 FORMATS = ("gguf", "compressed-tensors")
-ACTIVATIONS = {"dynamic": "token", "static": "tensor"}  # --activations -> W8A8 simulation mode
+# --activations -> W8A8 simulation mode; hybrid: static, but ffn_down's input per token (engine.w8a8)
+ACTIVATIONS = {"dynamic": "token", "static": "tensor", "hybrid": "hybrid"}
 # a smoothed linear whose simulated W8A8 error ||dY||^2 / ||Y||^2 on the calibration rows stays above
 # this is a problem layer (a relative RMS error of 2.6 %). Set on Gemma 3 270M (static activations,
 # alpha 0.8, all mappings): every ffn_down measured 8.1e-4..4.6e-3, every other linear 0.6e-4..6.0e-4,
@@ -59,10 +60,12 @@ class SmoothOptions:
     ctx: int = 512
     format: str = "gguf"
     type: str = "Q8_0"  # the GGUF preset
-    activations: str = "dynamic"  # what the int8 engine does: per-token dynamic or static per-tensor
+    activations: str = "dynamic"  # what the int8 engine does: per-token dynamic, static per-tensor, or
+    #   hybrid (static, ffn_down per token)
     scales_out: Path | None = None  # the per-layer, per-channel report as JSON
     plot: Path | None = None  # a PNG of per-channel activation maxima, before/after, worst layers
     static_scales: str = "mse"  # static activations: "mse"-clipped maxima, or the plain "max"
+    channel_floor: float = 0.0  # raise each channel's max|X_j| to this quantile of its input's before s (0: none)
     keep_problem_layers: str | None = None  # a type (F16, BF16, F32, Q8_0 ...) for problem linears
     problem_error: float = PROBLEM_ERROR
     allow_requantize: bool = False  # accept an already quantized model (GGUF output)
@@ -135,6 +138,8 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
         warn(f"{opts.chunks} chunks is outside the recommended {CHUNK_RANGE[0]}-{CHUNK_RANGE[1]}")
+    if not 0.0 <= opts.channel_floor <= 1.0:
+        raise UsageError(f"--channel-floor is a quantile in [0, 1], got {opts.channel_floor}")
     if not opts.problem_error > 0:
         raise UsageError(f"the problem-layer threshold must be positive, got {opts.problem_error}")
     if opts.format == "gguf":
@@ -207,6 +212,8 @@ def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
     """The layers where a smoothed linear's simulated W8A8 error stays above `threshold`, with why
     (the outlier ratio left in its input) and what to do about it."""
+    from quantcli.engine.w8a8 import DYNAMIC_IN_HYBRID
+
     out = []
     for il, layer in result.layers.items():
         bad = {f"blk.{il}.{k}.weight": v for k, v in layer.error_after.items() if v > threshold}
@@ -215,8 +222,10 @@ def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float
         ratios = {m.name: round(layer.outlier_ratio(m, result.config, after=True), 2) for m in result.mappings
                   if any(f"blk.{il}.{c}.weight" in bad for c in m.consumers)}
         remedies = []
-        if opts.activations == "static":
+        if opts.activations != "dynamic":
             remedies.append("per-token activations (--activations dynamic)")
+        if opts.activations == "static" and any(k.split(".")[2] in DYNAMIC_IN_HYBRID for k in bad):
+            remedies.append("ffn_down's per token (--activations hybrid)")
         if alpha != "auto":
             remedies.append("--alpha auto")
         if opts.mappings != "all":
@@ -272,8 +281,8 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
     return {"schema": SCALES_SCHEMA, "model": str(opts.model),
             "calibration": {"file": str(opts.calib), "sha256": calib_sha, "ctx": opts.ctx},
             "alpha": result.alpha, "mappings": [m.name for m in result.mappings],
-            "activations": opts.activations, "problem_error": opts.problem_error,
-            "problems": [p.layer for p in problems], "layers": layers}
+            "activations": opts.activations, "channel_floor": result.channel_floor,
+            "problem_error": opts.problem_error, "problems": [p.layer for p in problems], "layers": layers}
 
 
 def _floats(a: np.ndarray) -> list[float]:
@@ -293,6 +302,7 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
         "smooth.alphas": [float(result.layers[il].alpha) for il in sorted(result.layers)],
         "smooth.mappings": [m.name for m in result.mappings],
         "smooth.activations": opts.activations,
+        "smooth.channel_floor": float(result.channel_floor),
         "smooth.calibration.file": Path(opts.calib).name,
         "smooth.calibration.sha256": calib_sha,
         "smooth.calibration.chunks": n_chunks,
@@ -362,7 +372,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
                               keep_checkpoints=True, kind="smooth")
         t0 = time.perf_counter()
         obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
-                             static_scales=opts.static_scales,
+                             static_scales=opts.static_scales, channel_floor=opts.channel_floor,
                              weight_types=gguf_types(reader, opts) if alpha == "auto" else None)  # see gguf_types
         gptq_obs = GPTQObserver() if opts.gptq else None  # after obs: it sees the layer as obs folded it
         if opts.ray is not None:  # the same statistics from shards of the chunks on a Ray cluster

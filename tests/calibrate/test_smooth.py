@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
-from quantcli.calibrate.smooth import (CLIP_RATIOS, MAPPINGS, SEARCH_CHUNKS_W8A8, LayerSmoothing, SmoothedReader,
-                                       SmoothObserver, SmoothResult, expand, mappings_for, smooth_model,
+from quantcli.calibrate.smooth import (CHANNEL_FLOOR, CLIP_RATIOS, MAPPINGS, SEARCH_CHUNKS_W8A8, LayerSmoothing,
+                                       SmoothedReader, SmoothObserver, SmoothResult, expand, mappings_for, smooth_model,
                                        smooth_scales, smoothed_tensors)
 from quantcli.engine.model import Model, forward
 from quantcli.engine.w8a8 import W8A8, fake_quant_activations, fake_quant_weight
@@ -91,6 +91,26 @@ def test_scales_formula_on_a_hand_example():
     assert smooth_scales(act, w, 0.5).dtype == np.float32
 
 
+def test_channel_floor_on_a_hand_example():
+    """With a floor q, max|X_j| is first raised to the q-quantile of the positive, finite channel
+    maxima: a channel seen quiet is scaled as that quantile's, the others as before."""
+    act, w = np.array([4.0, 1.0, 0.0, 9.0, 16.0]), np.ones(5)
+    q = float(np.quantile([4.0, 1.0, 9.0, 16.0], 0.5))  # 6.5; the zero channel is not counted
+    assert smooth_scales(act, w, 0.5, 0.5).tolist() == pytest.approx([q ** 0.5, q ** 0.5, 1.0, 3.0, 4.0])
+    assert smooth_scales(act, w, 1.0, 1.0).tolist() == pytest.approx([16.0, 16.0, 1.0, 16.0, 16.0])
+    assert smooth_scales(act, w, 0.5, 0.0).tolist() == smooth_scales(act, w, 0.5).tolist()
+    assert smooth_scales(np.zeros(3), w[:3], 0.5, 0.75).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_channel_floor_is_asked_for():
+    """No floor unless asked (SmoothQuant's formula as it is); a floor outside [0, 1] is a usage error."""
+    assert SmoothObserver(alpha="auto").channel_floor == 0.0
+    assert SmoothObserver(alpha=0.5, channel_floor=0.5).channel_floor == 0.5
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UsageError, match=r"the channel floor is a quantile in \[0, 1\]"):
+            SmoothObserver(alpha="auto", channel_floor=bad)
+
+
 @pytest.mark.parametrize("alpha", [1.5, -0.1, "high", True, None])
 def test_alpha_outside_the_unit_interval_is_a_usage_error(alpha):
     with pytest.raises(UsageError, match=r"alpha .* is outside \[0, 1\]; use a migration strength in \[0, 1\] or 'auto'"):
@@ -161,11 +181,11 @@ def test_smoothing_flattens_outliers_and_lowers_the_simulated_error(tmp_path):
 
 def test_auto_alpha_per_token_curve_is_the_blocks_w8a8_error(tmp_path):
     """Per token, the block curve at an alpha is, from scratch, the layer smoothed at that alpha
-    (its scales the fixed-alpha run's), run as the W8A8 engine runs it (int8 weights per output
-    channel, int8 activations per token) on the first SEARCH_CHUNKS_W8A8 chunks (the default),
-    against the float layer: the mean over their tokens of ||dh||^2 / ||h||^2."""
+    (its scales the fixed-alpha run's at the same channel floor), run as the W8A8 engine runs it
+    (int8 weights per output channel, int8 activations per token) on the first SEARCH_CHUNKS_W8A8
+    chunks (the default), against the float layer: the mean over their tokens of ||dh||^2 / ||h||^2."""
     path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
-    opts = dict(mappings="all", activations="token")
+    opts = dict(mappings="all", activations="token", channel_floor=CHANNEL_FLOOR)
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
@@ -186,18 +206,19 @@ def test_auto_alpha_per_token_curve_is_the_blocks_w8a8_error(tmp_path):
             assert fixed.layers[0].error_before == pytest.approx(auto.layers[0].error_before, rel=1e-6)
 
 
-@pytest.mark.parametrize("activations", ["tensor", "token"])
+@pytest.mark.parametrize("activations", ["tensor", "token", "hybrid"])
 def test_auto_alpha_picks_the_blocks_minimum(tmp_path, activations):
-    """The W8A8 search (static or per token): one alpha for the layer at the block curve's
+    """The W8A8 search (static, per token, or hybrid): one alpha for the layer at the block curve's
     minimum, then each mapping's own alpha, in table order, at the minimum of its curve with the
     others held; an alpha moves only where that lowers the block error, and the scales are
-    SmoothQuant's at each one. The grid's last candidate, NaN, leaves a mapping as it is (scales 1)."""
+    SmoothQuant's at each one, with the channel floor. The grid's last candidate, NaN, leaves a
+    mapping as it is (scales 1)."""
     path = write_model(tmp_path / "m.gguf", "gemma3", n_layer=2)
     with open_model(path) as r:
         out = _with_outliers(r)
         m = Model(out)
         auto = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha="auto", mappings="all", activations=activations,
-                            search_chunks=2)
+                            search_chunks=2, channel_floor=CHANNEL_FLOOR)
         fixed = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", activations=activations)
     grid = np.append(np.round(np.arange(0, 1.0001, 0.05), 6), np.nan)
     names = [mp.name for mp in auto.mappings]
@@ -224,10 +245,12 @@ def test_auto_alpha_picks_the_blocks_minimum(tmp_path, activations):
         for mp in auto.mappings:  # each mapping's scales are SmoothQuant's at its own alpha, or ones
             a = layer.alphas[mp.name]
             want = (np.ones_like(layer.scales[mp.name]) if np.isnan(a)
-                    else smooth_scales(layer.channel_max(mp, auto.config), layer.weight_max[mp.name], a))
+                    else smooth_scales(layer.channel_max(mp, auto.config), layer.weight_max[mp.name], a,
+                                       CHANNEL_FLOOR))
             assert np.array_equal(layer.scales[mp.name], want), mp.name
     assert moved > 0  # on these outliers some mapping does better at an alpha of its own
     assert all(not lay.alpha_errors and set(lay.alphas.values()) == {0.5} for lay in fixed.layers.values())
+    assert (auto.channel_floor, fixed.channel_floor) == (CHANNEL_FLOOR, 0.0)
 
 
 def test_simulated_error_and_static_scales_from_scratch(tmp_path):
@@ -256,6 +279,29 @@ def test_simulated_error_and_static_scales_from_scratch(tmp_path):
         y = fake_quant_activations(xs, "tensor", amax) @ fake_quant_weight(w["ffn_down"] * s).T
         want = float(((y - ref).astype(np.float64) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
         assert layer.error_after["ffn_down"] == pytest.approx(want, rel=1e-4)
+
+
+def test_hybrid_errors_are_per_token_for_ffn_down_and_static_for_the_rest(tmp_path):
+    """activations="hybrid": ffn_down's simulated error quantizes its input per token, the other
+    linears' with their static scales; every input still gets a static scale recorded."""
+    path = write_model(tmp_path / "m.gguf", "llama", n_layer=2)
+    with open_model(path) as r:
+        out = _with_outliers(r)
+        m = Model(out)
+        res = smooth_model(m, tokens(), RunOptions(ctx=CTX), alpha=0.5, mappings="all", max_rows=10_000,
+                           activations="hybrid")
+        x = _inputs(m, 0, tokens(), 6)
+        w = m.layer_weights(0)
+    layer = res.layers[0]
+    assert sorted(layer.static_max) == ["attn_output", "attn_q", "ffn_down", "ffn_gate"]
+    for short, inp, mp, mode in (("ffn_down", "ffn_down", "ffn_up->ffn_down", "token"),
+                                 ("attn_q", "attn_q", "attn_norm->qkv", "tensor")):
+        s = layer.scales[mp]
+        xs = x[inp] / s
+        ref = x[inp] @ w[short].T
+        y = fake_quant_activations(xs, mode, layer.static_max[inp]) @ fake_quant_weight(w[short] * s).T
+        want = float(((y - ref).astype(np.float64) ** 2).sum() / (ref.astype(np.float64) ** 2).sum())
+        assert layer.error_after[short] == pytest.approx(want, rel=1e-4), short
 
 
 def test_rows_are_subsampled_to_max_rows(tmp_path):

@@ -214,6 +214,7 @@ def test_a_rerun_resumes_from_kept_checkpoints_and_writes_the_same_bytes(setup):
     ("arch", 3, "SmoothQuant knows no norm -> linear mappings"),
     ("exists", 4, "already exists"),
     ("format", 2, "unknown --format"),
+    ("floor", 2, "--channel-floor is a quantile in [0, 1], got 1.5"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(setup, case, code, words):
     tmp, text = setup
@@ -235,6 +236,8 @@ def test_bad_input_is_one_line_and_writes_nothing(setup, case, code, words):
         out.write_bytes(b"keep")
     elif case == "format":
         args += ["--format", "onnx"]
+    elif case == "floor":
+        args += ["--channel-floor", "1.5"]
     before = sorted(p.name for p in tmp.iterdir())
     res = smooth(*args)
     assert res.exit_code == code, res.output
@@ -331,3 +334,51 @@ def test_compressed_tensors_keeps_whole_fused_groups_out_of_int8(setup):
         name = f"model.layers.0.self_attn.{proj}"
         assert name in ignore
         assert tensors[f"{name}.weight"].dtype == np.float32 and f"{name}.weight_scale" not in tensors
+
+
+def test_hybrid_activations_are_static_but_ffn_downs_per_token(setup):
+    """--activations hybrid: the search simulates static scales on every linear but ffn_down,
+    whose input is quantized per token; the directory has a static config group for q/k/v/o and
+    gate/up (with input_scale) and a dynamic one for down_proj (without); a GGUF records its
+    static scales, and `report --simulate w8a8:hybrid` uses them on all but ffn_down. The
+    channel floor asked for is what the scales were made with."""
+    from safetensors.numpy import load_file
+
+    from quantcli.calibrate.smooth import smooth_scales
+
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "llama", n_layer=2)
+    scales = tmp / "scales.json"
+    common = [str(src), "--calib", str(text), *CTX, "--alpha", "auto", "--mappings", "all",
+              "--activations", "hybrid", "--channel-floor", "0.75", "--json"]
+    res = smooth(*common, "-o", str(tmp / "ct"), "--format", "compressed-tensors", "--scales-out", str(scales))
+    assert res.exit_code == 0, res.output
+    groups = json.loads((tmp / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    static = ["re:.*[.](gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"]
+    assert [(g["targets"], g["input_activations"]["strategy"], g["input_activations"]["dynamic"])
+            for g in groups.values()] == [(static, "tensor", False), (["re:.*[.](down_proj)$"], "token", True)]
+    tensors = load_file(tmp / "ct" / "model.safetensors")
+    for il in range(2):
+        assert tensors[f"model.layers.{il}.mlp.down_proj.weight"].dtype == np.int8
+        assert f"model.layers.{il}.mlp.down_proj.input_scale" not in tensors
+        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"):
+            assert tensors[f"model.layers.{il}.{proj}.input_scale"].shape == (1,)
+    doc = json.loads(scales.read_text())
+    assert doc["activations"] == "hybrid" and doc["channel_floor"] == 0.75
+    for layer in doc["layers"]:
+        for m in layer["mappings"].values():
+            if m["alpha"] is None:
+                continue
+            want = smooth_scales(np.array(m["act_max_before"]), np.array(m["weight_max_before"]), m["alpha"], 0.75)
+            np.testing.assert_allclose(np.array(m["scales"]), want, rtol=5e-5)
+    out = tmp / "s.gguf"
+    res = smooth(*common, "-o", str(out), "--type", "F32")
+    assert res.exit_code == 0, res.output
+    with open_model(out) as r:
+        assert r.kv["quantcli.smooth.activations"].value == "hybrid"
+        assert float(r.kv["quantcli.smooth.channel_floor"].value) == 0.75
+    ev = runner.invoke(app, ["report", str(out), "--json", "--eval-text", str(text), "--ctx", "64",
+                             "--chunks", "2", "--simulate", "w8a8:hybrid"])
+    assert ev.exit_code == 0, ev.output
+    got = json.loads(ev.stdout)["evaluation"]
+    assert got["static_scales_from"] == "recorded" and got["static_clipping"]["linears"] == 2 * 6

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from quantcli.cli.app import app
 from quantcli.engine.model import LINEARS, Model, forward
 from quantcli.engine.perplexity import PerplexityOptions, evaluate
-from quantcli.engine.w8a8 import (W8A8, Saturation, dequantize, fake_quant_activations, fake_quant_weight,
+from quantcli.engine.w8a8 import (W8A8, Saturation, dequantize, fake_quant_activations, fake_quant_weight, mode_of,
                                   quantize_per_tensor, quantize_per_token, quantize_weight)
 from quantcli.errors import InputError, UsageError
 from quantcli.formats import open_model
@@ -78,17 +78,19 @@ def test_activations_per_token_and_per_tensor():
 
 
 def test_options_are_validated():
-    with pytest.raises(UsageError, match="unknown W8A8 activation mode 'row'; known: token, tensor"):
+    with pytest.raises(UsageError, match="unknown W8A8 activation mode 'row'; known: token, tensor, hybrid"):
         W8A8("row")
-    with pytest.raises(UsageError, match="needs act_max"):
-        W8A8("tensor")
+    for mode in ("tensor", "hybrid"):
+        with pytest.raises(UsageError, match="needs act_max"):
+            W8A8(mode)
     with pytest.raises(InputError, match="no calibration max"):
         W8A8("tensor", act_max={}).activations("blk.0.attn_q.weight", np.ones((2, 4), np.float32))
 
 
-@pytest.mark.parametrize("mode", ["token", "tensor"])
+@pytest.mark.parametrize("mode", ["token", "tensor", "hybrid"])
 def test_model_runs_every_block_linear_as_w8a8(tmp_path, mode):
-    """Each linear sees dequant(q_x) @ dequant(q_W).T (+ bias); the head and embeddings are as before."""
+    """Each linear sees dequant(q_x) @ dequant(q_W).T (+ bias), hybrid: ffn_down's input per token and
+    the others' per tensor; the head and embeddings are as before."""
     path = write_model(tmp_path / "m.gguf", "qwen2", n_layer=2)  # qwen2: with q/k/v biases
     chunk = np.random.default_rng(0).integers(0, 275, 32)
     with open_model(path) as r:
@@ -96,7 +98,7 @@ def test_model_runs_every_block_linear_as_w8a8(tmp_path, mode):
         maxima: dict[str, float] = {}
         ins: list[tuple[str, np.ndarray]] = []
         forward(plain, chunk, lambda n, x: maxima.__setitem__(n, max(maxima.get(n, 0.0), float(np.abs(x).max()))))
-        sim = W8A8(mode, act_max=maxima if mode == "tensor" else None)
+        sim = W8A8(mode, act_max=maxima if mode != "token" else None)
         m = Model(r, simulate=sim)
         w = m.layer_weights(0)
         raw = plain.layer_weights(0)
@@ -108,7 +110,9 @@ def test_model_runs_every_block_linear_as_w8a8(tmp_path, mode):
         m.layer(0, w, x, lambda n, a: ins.append((n, a.copy())), lambda n, y: pairs.setdefault(n, []).append(y))
         for name, a in ins:
             short = name.split(".")[2]
-            xq = fake_quant_activations(a, mode, maxima.get(name))
+            xq = fake_quant_activations(a, mode_of(mode, name), maxima.get(name))
+            assert mode_of(mode, name) == ("token" if mode == "token" or (mode == "hybrid" and short == "ffn_down")
+                                           else "tensor")
             y = xq @ w[short].T + (w[short + ".bias"] if short + ".bias" in w else 0)
             assert np.allclose(pairs[name][0], y, rtol=1e-5, atol=1e-5), name
         assert len(ins) == len(LINEARS)
@@ -166,16 +170,17 @@ def test_report_simulate_through_the_cli(tmp_path):
     args = ["report", str(model), "--json", "--eval-text", str(text), "--ctx", "64", "--chunks", "2"]
     plain = json.loads(runner.invoke(app, args).output)["evaluation"]
     found = {}
-    for spec in ("w8a8", "w8a8:token", "w8a8:tensor"):
+    for spec in ("w8a8", "w8a8:token", "w8a8:tensor", "w8a8:hybrid"):
         res = runner.invoke(app, args + ["--simulate", spec])
         assert res.exit_code == 0, res.output
         found[spec] = json.loads(res.output)["evaluation"]
         assert found[spec]["simulate"] == spec
     assert found["w8a8"]["perplexity"] == found["w8a8:token"]["perplexity"] != plain["perplexity"]
-    assert found["w8a8:tensor"]["perplexity"] != found["w8a8:token"]["perplexity"]
+    assert len({found[s]["perplexity"] for s in ("w8a8:token", "w8a8:tensor", "w8a8:hybrid")}) == 3
     assert all(abs(f["perplexity"] / plain["perplexity"] - 1) < 0.05 for f in found.values())
     bad = runner.invoke(app, args + ["--simulate", "w4a8"])
-    assert bad.exit_code == 2 and "unknown simulation 'w4a8'; known: w8a8, w8a8:token, w8a8:tensor" in bad.output
+    assert bad.exit_code == 2
+    assert "unknown simulation 'w4a8'; known: w8a8, w8a8:token, w8a8:tensor, w8a8:hybrid" in bad.output
     lonely = runner.invoke(app, ["report", str(model), "--simulate", "w8a8"])
     assert lonely.exit_code == 2 and "--simulate needs --eval-text" in lonely.output
     shown = runner.invoke(app, args[:2] + args[3:] + ["--simulate", "w8a8:tensor"])
@@ -186,6 +191,10 @@ def test_report_simulate_through_the_cli(tmp_path):
     assert 0 < clip["linears_clipping"] <= clip["linears"] and 0 < clip["clipped_share"] < 1
     worst = clip["worst"][0]
     assert 0 < worst["clipped_tokens"] <= worst["tokens"] == 2 * 64 and worst["overshoot"] > 1
+    # hybrid: ffn_down's input is per token and clips nothing; the other linears are tallied as static
+    hybrid = found["w8a8:hybrid"]["static_clipping"]
+    assert hybrid["linears"] == 2 * (len(LINEARS) - 1)
+    assert not any(w["linear"].split(".")[2] == "ffn_down" for w in hybrid["worst"])
     assert (f"static scales (the eval text's own): {clip['linears_clipping']} of {clip['linears']} linears clip"
             in " ".join(shown.output.split()))
 

@@ -220,31 +220,41 @@ def fused_peers(name: str, names: list[str]) -> list[str]:
     return [n for n in names if block_linear(n)[0] == layer and FUSED.get(block_linear(n)[1]) == FUSED[kind]]
 
 
-def expected_quantization_config(ignore: list[str], static: bool = False) -> dict:
-    """compressed-tensors 0.20.1's W8A8 preset as `ModelCompressor.update_config` writes it."""
-    act = ({"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "tensor", "dynamic": False}
-           if static else
-           {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True})
+def expected_quantization_config(ignore: list[str], static: bool | str = False) -> dict:
+    """compressed-tensors 0.20.1's W8A8 preset as `ModelCompressor.update_config` writes it;
+    static="hybrid": a static group for every linear but down_proj, a dynamic one for it."""
+    tensor = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "tensor",
+              "dynamic": False}
+    token = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+
+    def group(targets: list[str], act: dict) -> dict:
+        return {"targets": targets,
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                            "strategy": "channel", "dynamic": False},
+                "input_activations": act, "output_activations": None, "format": None}
+
+    if static == "hybrid":
+        groups = {"group_0": group(["re:.*[.](gate_proj|k_proj|o_proj|q_proj|up_proj|v_proj)$"], tensor),
+                  "group_1": group(["re:.*[.](down_proj)$"], token)}
+    else:
+        groups = {"group_0": group(["Linear"], tensor if static else token)}
     return {
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
-                        "strategy": "channel", "dynamic": False},
-            "input_activations": act, "output_activations": None, "format": None}},
+        "config_groups": groups,
         "format": "int-quantized", "global_compression_ratio": None, "ignore": ignore, "kv_cache_scheme": None,
         "moe_sparsity_config": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
         "sparsity_config": {}, "transform_config": {}, "version": "0.20.1",
     }
 
 
-@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("activations", ["dynamic", "static", "hybrid"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_w8a8_tensors_equal_the_engine_simulation(tmp_path, arch, activations):
     """int8 weights [out, in] and float32 weight_scale [out, 1] whose product is the engine's
     fake-quantized weight in HF's row order; static input_scale [1] = max|x| / 127, one per fused
-    q/k/v and gate/up group; everything else as in the plain checkpoint."""
+    q/k/v and gate/up group (hybrid: on every linear but down_proj); everything else as in the
+    plain checkpoint."""
     out = tmp_path / "out"
-    static = activations == "static"
+    static = activations != "dynamic"
     with open_model(source(tmp_path, arch, tied=False)) as src:
         linears = all_linears(src)
         rng = np.random.default_rng(1)
@@ -253,7 +263,8 @@ def test_w8a8_tensors_equal_the_engine_simulation(tmp_path, arch, activations):
                                        input_max=amax if static else None, metadata={"quantcli.version": "x"})
         assert res.n_quantized == len(linears) == 14
         config = json.loads((out / "config.json").read_text())
-        assert config["quantization_config"] == expected_quantization_config(["lm_head"], static)
+        assert config["quantization_config"] == expected_quantization_config(
+            ["lm_head"], "hybrid" if activations == "hybrid" else static)
         with safe_open(out / "model.safetensors", "np") as f:
             assert f.metadata() == {"quantcli.version": "x", "format": "pt"}
         tensors = load_file(out / "model.safetensors")
@@ -267,7 +278,7 @@ def test_w8a8_tensors_equal_the_engine_simulation(tmp_path, arch, activations):
             assert s.dtype == np.float32 and s.shape == (w.shape[0], 1)
             want = hf_value(arch, name, fake_quant_weight(w), n_head, n_kv)
             assert np.array_equal(q.astype(np.float32) * s, want), name
-            if static:
+            if static and not (activations == "hybrid" and module.endswith("down_proj")):
                 x = tensors.pop(module + ".input_scale")
                 assert x.dtype == np.float32 and x.shape == (1,)
                 top = max(amax[p] for p in fused_peers(name, linears))
@@ -350,7 +361,7 @@ def test_choices_vllm_cannot_run_are_refused(tmp_path):
         for linears, err, match in cases:
             with pytest.raises(err, match=match):
                 write_compressed_tensors(src, out, linears=linears)
-        with pytest.raises(UsageError, match="unknown activation scheme 'per-token'; known: dynamic, static"):
+        with pytest.raises(UsageError, match="unknown activation scheme 'per-token'; known: dynamic, static, hybrid"):
             write_compressed_tensors(src, out, linears=[], activations="per-token")
         down = ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
         with pytest.raises(UsageError, match="static activations need input_max"):
