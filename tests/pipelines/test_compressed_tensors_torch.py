@@ -233,6 +233,46 @@ def test_transformers_uses_the_static_input_scales(tmp_path, arch):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_transformers_runs_hybrid_as_the_engine(tmp_path, arch):
+    """Hybrid activations: compressed-tensors parses both config groups and gives every module the
+    scheme the engine simulates: down_proj dynamic per token without input_scale, the others
+    static with it. compressed-tensors' fake quantization of the static ones, with the input_scale
+    loaded, gives the engine's output for the same input (1e-5 of max|output|; 50 % headroom, so
+    nothing clips), and down_proj's weights decompress to the engine's int8 weights exactly."""
+    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
+    src = open_model(write_model(tmp_path / f"{arch}.gguf", arch, n_layer=4, **extra))
+    linears = [n for n in src.tensors if block_linear(n) is not None]
+    seen: dict[str, float] = {}
+    forward(Model(src, kv_f16=False), TOKENS,
+            hook=lambda n, h: seen.__setitem__(n, max(seen.get(n, 0.0), float(np.abs(h).max()))))
+    amax = {n: 1.5 * seen[n] for n in linears}
+    write_compressed_tensors(src, tmp_path / "out", linears=linears, activations="hybrid", input_max=amax)
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    assert len(parsed.config_groups) == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    layout = HFLayout.of(src)
+    group = {n: _fused_max(amax, n) for n in linears}
+    _logits(model, TOKENS[:, :2])  # decompresses
+    engine = Model(src, kv_f16=False, simulate=W8A8("hybrid", act_max=group))
+    inputs, outputs = _engine_matmuls(engine, TOKENS[0])
+    for name in linears:
+        module = model.get_submodule(layout.module(name))
+        act = module.quantization_scheme.input_activations
+        if block_linear(name)[1] == "ffn_down":
+            assert (act.strategy, act.dynamic) == ("token", True) and not hasattr(module, "input_scale"), name
+            want = layout.to_hf(name, fake_quant_weight(src.load_f32(name)))
+            assert np.array_equal(module.weight.detach().numpy(), want), name
+            continue
+        assert (act.strategy, act.dynamic) == ("tensor", False), name
+        assert module.input_scale.item() == np.float32(np.float32(group[name]) / np.float32(127)), name
+        with torch.no_grad():
+            got = module(torch.from_numpy(inputs[name])).numpy()
+        want = _hf_columns(layout, name, outputs[name])
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
 # -- W4A16 (quantize --format compressed-tensors --scheme W4A16) ------------------------------------
 
 
