@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from quantcli.convert.to_hf import HFLayout, block_linear  # noqa: E402
 from quantcli.engine.model import Model, forward  # noqa: E402
-from quantcli.engine.w8a8 import W8A8, fake_quant_weight  # noqa: E402
+from quantcli.engine.w8a8 import W8A8, fake_quant_weight, mode_of  # noqa: E402
 from quantcli.formats import open_model  # noqa: E402
 from quantcli.pipelines.compressed_tensors import SCHEMA_VERSION, write_compressed_tensors  # noqa: E402
 from tests.models import ARCHS, write_model  # noqa: E402
@@ -203,64 +204,44 @@ def _fused_max(amax: dict[str, float], name: str) -> float:
     return max(amax[f"blk.{layer}.{k}.weight"] for k in group)
 
 
+def _with_headroom(tmp_path: Path, arch: str) -> tuple[Any, list[str], dict[str, float]]:
+    """(source reader, its block linears, 1.5x each one's max|x| on TOKENS): static scales that
+    clip nothing."""
+    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
+    src = open_model(write_model(tmp_path / f"{arch}.gguf", arch, n_layer=4, **extra))
+    linears = [n for n in src.tensors if block_linear(n) is not None]
+    seen: dict[str, float] = {}
+    forward(Model(src, kv_f16=False), TOKENS,
+            hook=lambda n, h: seen.__setitem__(n, max(seen.get(n, 0.0), float(np.abs(h).max()))))
+    return src, linears, {n: 1.5 * seen[n] for n in linears}
+
+
+@pytest.mark.parametrize("activations", ["static", "hybrid"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_transformers_uses_the_static_input_scales(tmp_path, arch):
+def test_transformers_uses_the_static_input_scales(tmp_path, arch, activations):
     """Static activations: transformers loads input_scale as written (max|x| / 127, the fused
     group's largest), and compressed-tensors' own fake quantization with it gives each matmul the
     engine's per-tensor W8A8 output for the same input (1e-5 of max|output|: summation order). The
     maxima have 50% headroom, so no input is clipped: beyond its scale compressed-tensors (and
-    vLLM's static_scaled_int8_quant) clamp to -128..127, the engine to -127..127."""
-    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
-    src = open_model(write_model(tmp_path / f"{arch}.gguf", arch, n_layer=4, **extra))
-    linears = [n for n in src.tensors if block_linear(n) is not None]
-    seen: dict[str, float] = {}
-    forward(Model(src, kv_f16=False), TOKENS,
-            hook=lambda n, h: seen.__setitem__(n, max(seen.get(n, 0.0), float(np.abs(h).max()))))
-    amax = {n: 1.5 * seen[n] for n in linears}
-    write_compressed_tensors(src, tmp_path / "out", linears=linears, activations="static", input_max=amax)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
-    layout = HFLayout.of(src)
-    group = {n: _fused_max(amax, n) for n in linears}
-    _logits(model, TOKENS[:, :2])  # decompresses
-    engine = Model(src, kv_f16=False, simulate=W8A8("tensor", act_max=group))
-    inputs, outputs = _engine_matmuls(engine, TOKENS[0])
-    for name in linears:
-        module = model.get_submodule(layout.module(name))
-        assert module.input_scale.item() == np.float32(np.float32(group[name]) / np.float32(127)), name
-        with torch.no_grad():
-            got = module(torch.from_numpy(inputs[name])).numpy()
-        want = _hf_columns(layout, name, outputs[name])
-        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_transformers_runs_hybrid_as_the_engine(tmp_path, arch):
-    """Hybrid activations: compressed-tensors parses both config groups and gives every module the
-    scheme the engine simulates: down_proj dynamic per token without input_scale, the others
-    static with it. compressed-tensors' fake quantization of the static ones, with the input_scale
-    loaded, gives the engine's output for the same input (1e-5 of max|output|; 50 % headroom, so
-    nothing clips), and down_proj's weights decompress to the engine's int8 weights exactly."""
-    extra = dict(sliding_window=8, swa_pattern=2) if arch == "gemma3" else {}
-    src = open_model(write_model(tmp_path / f"{arch}.gguf", arch, n_layer=4, **extra))
-    linears = [n for n in src.tensors if block_linear(n) is not None]
-    seen: dict[str, float] = {}
-    forward(Model(src, kv_f16=False), TOKENS,
-            hook=lambda n, h: seen.__setitem__(n, max(seen.get(n, 0.0), float(np.abs(h).max()))))
-    amax = {n: 1.5 * seen[n] for n in linears}
-    write_compressed_tensors(src, tmp_path / "out", linears=linears, activations="hybrid", input_max=amax)
+    vLLM's static_scaled_int8_quant) clamp to -128..127, the engine to -127..127. Hybrid: the
+    library parses both config groups and gives each module the engine's scheme, down_proj
+    dynamic per token without input_scale (its weights decompress to the engine's exactly), the
+    others static as above."""
+    src, linears, amax = _with_headroom(tmp_path, arch)
+    write_compressed_tensors(src, tmp_path / "out", linears=linears, activations=activations, input_max=amax)
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    parsed = QuantizationConfig.model_validate(qc)
-    assert len(parsed.config_groups) == 2
+    assert len(QuantizationConfig.model_validate(qc).config_groups) == (2 if activations == "hybrid" else 1)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     layout = HFLayout.of(src)
     group = {n: _fused_max(amax, n) for n in linears}
     _logits(model, TOKENS[:, :2])  # decompresses
-    engine = Model(src, kv_f16=False, simulate=W8A8("hybrid", act_max=group))
+    mode = "tensor" if activations == "static" else "hybrid"
+    engine = Model(src, kv_f16=False, simulate=W8A8(mode, act_max=group))
     inputs, outputs = _engine_matmuls(engine, TOKENS[0])
     for name in linears:
         module = model.get_submodule(layout.module(name))
         act = module.quantization_scheme.input_activations
-        if block_linear(name)[1] == "ffn_down":
+        if mode_of(mode, name) == "token":
             assert (act.strategy, act.dynamic) == ("token", True) and not hasattr(module, "input_scale"), name
             want = layout.to_hf(name, fake_quant_weight(src.load_f32(name)))
             assert np.array_equal(module.weight.detach().numpy(), want), name
@@ -271,6 +252,7 @@ def test_transformers_runs_hybrid_as_the_engine(tmp_path, arch):
             got = module(torch.from_numpy(inputs[name])).numpy()
         want = _hf_columns(layout, name, outputs[name])
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+    assert activations == "static" or any(mode_of(mode, n) == "token" for n in linears)
 
 
 # -- W4A16 (quantize --format compressed-tensors --scheme W4A16) ------------------------------------
