@@ -1,10 +1,12 @@
 """SmoothQuant on a real model: simulated W8A8 perplexity without and with smoothing.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/smooth.py [MODEL.gguf] [--text exodus.txt]
-        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 512] [--only token|tensor] [--gptq]
+        [--calib genesis.txt] [--ctx 512] [--chunks 8] [--calib-chunks 512] [--only token|tensor|hybrid]
+        [--gptq] [--channel-floor Q]
 
 MODEL defaults to $QUANTCLI_MODEL_CACHE/gemma3-270m-f32.gguf (the F32 base of Gemma 3 270M). Rows:
-the float model, then per activation mode (per-tensor static, per-token dynamic) the model without
+the float model, then per activation mode (per-tensor static, per-token dynamic; `--only hybrid`:
+static but ffn_down per token) the model without
 smoothing and smoothed with alpha 0.5, 0.8 and auto, on the norm mappings and on all four. The
 scales are calibrated on `--calib` (another text than the one scored; pass the eval text to
 calibrate on it); `auto` searches alpha with the row's activation mode. Static per-tensor
@@ -14,7 +16,7 @@ static-scales observer gives, which is what `quantcli report --simulate w8a8:ten
 uses. Each evaluation is llama-perplexity's method (ctx, second half scored) through
 `quantcli.engine.perplexity.evaluate`. With `--gptq`, every smoothed row is also scored with its
 int8 weights rounded by GPTQ on the same calibration pass (what `smooth --format compressed-tensors
---gptq` writes), in a row of its own.
+--gptq` writes), in a row of its own. `--channel-floor Q` smooths as `smooth --channel-floor Q`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from quantcli.formats import open_model  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     smoothing_args(ap)
-    ap.add_argument("--only", choices=("tensor", "token"), default=None)
+    ap.add_argument("--only", choices=("tensor", "token", "hybrid"), default=None)
+    ap.add_argument("--channel-floor", type=float, default=0.0, help="smooth --channel-floor")
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
     ap.add_argument("--static-scales", choices=("mse", "max"), default="mse")
@@ -61,7 +64,7 @@ def main() -> None:
             return evaluate(r, text, PerplexityOptions(ctx=args.ctx, chunks=args.chunks, simulate=simulate)).perplexity
 
         def engine(mode: str, static: dict[str, float] | None) -> W8A8:
-            return W8A8("token") if mode == "token" else W8A8("tensor", act_max=static)
+            return W8A8("token") if mode == "token" else W8A8(mode, act_max=static)
 
         plain_static = run_calibration(Model(reader), calib, run,
                                        [StaticScaleObserver(args.static_scales)]).observers[0].result()
@@ -83,7 +86,8 @@ def main() -> None:
                     key = (maps, alpha if alpha != "auto" else f"auto-{mode}")
                     if key not in smoothed:
                         observers = [SmoothObserver(alpha=alpha, mappings=maps, activations=mode,
-                                                    static_scales=args.static_scales)]
+                                                    static_scales=args.static_scales,
+                                                    channel_floor=args.channel_floor)]
                         observers += [GPTQObserver()] if args.gptq else []
                         run_calibration(Model(reader), calib, dataclasses.replace(run, kind="smooth"), observers)
                         smoothed[key] = [o.result() for o in observers]
@@ -108,7 +112,8 @@ def main() -> None:
     print(f"\n| activations | mappings | alpha | perplexity | vs F32 ({base:.4f}) |")
     print("|---|---|---|---|---|")
     for mode, maps, alpha, p, _ in rows:
-        print(f"| {'per-tensor static' if mode == 'tensor' else 'per-token'} | {maps} | {alpha} | "
+        label = {"tensor": "per-tensor static", "token": "per-token", "hybrid": "hybrid"}[mode]
+        print(f"| {label} | {maps} | {alpha} | "
               f"{p:.4f} | {100 * (p / base - 1):+.2f} % |")
     for mode, maps, alpha, _, chosen in rows:
         if chosen:
