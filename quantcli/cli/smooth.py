@@ -70,9 +70,10 @@ def smooth(
     preset: str = typer.Option("Q8_0", "--type", "-t", help="GGUF preset for the smoothed model."),
     activations: str = typer.Option("dynamic", "--activations", help="int8 activations: dynamic (per token), static (per tensor), or hybrid (static, ffn_down per token)."),
     static_scales: str = typer.Option("mse", "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max."),
-    channel_floor: float = typer.Option(0.0, "--channel-floor", help="Raise each channel's activation maximum to this "
-                                        "quantile of its input's before computing s (0: SmoothQuant's formula; "
-                                        "0.75 suggested for texts unlike --calib)."),
+    channel_floor: Optional[float] = typer.Option(None, "--channel-floor", help="Raise each channel's activation "
+                                                  "maximum to this quantile of its input's before computing s (0: "
+                                                  "SmoothQuant's formula; default 0.75 with --alpha auto for W8A8, "
+                                                  "else 0)."),
     scales_out: Optional[Path] = typer.Option(None, "--scales-out", help="Per-layer, per-channel scales and maxima as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of per-channel activation maxima before/after (needs matplotlib)."),
     keep_problem_layers: Optional[str] = typer.Option(None, "--keep-problem-layers", help="Type (e.g. F16) for the linears of problem layers."),

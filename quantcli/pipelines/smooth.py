@@ -65,7 +65,9 @@ class SmoothOptions:
     scales_out: Path | None = None  # the per-layer, per-channel report as JSON
     plot: Path | None = None  # a PNG of per-channel activation maxima, before/after, worst layers
     static_scales: str = "mse"  # static activations: "mse"-clipped maxima, or the plain "max"
-    channel_floor: float = 0.0  # raise each channel's max|X_j| to this quantile of its input's before s (0: none)
+    # raise each channel's max|X_j| to this quantile of its input's before s (0: none; None: the
+    # observer's default, CHANNEL_FLOOR for --alpha auto's W8A8 search, else none)
+    channel_floor: float | None = None
     keep_problem_layers: str | None = None  # a type (F16, BF16, F32, Q8_0 ...) for problem linears
     problem_error: float = PROBLEM_ERROR
     allow_requantize: bool = False  # accept an already quantized model (GGUF output)
@@ -138,7 +140,7 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
         warn(f"{opts.chunks} chunks is outside the recommended {CHUNK_RANGE[0]}-{CHUNK_RANGE[1]}")
-    if not 0.0 <= opts.channel_floor <= 1.0:
+    if opts.channel_floor is not None and not 0.0 <= opts.channel_floor <= 1.0:
         raise UsageError(f"--channel-floor is a quantile in [0, 1], got {opts.channel_floor}")
     if not opts.problem_error > 0:
         raise UsageError(f"the problem-layer threshold must be positive, got {opts.problem_error}")

@@ -76,6 +76,7 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
         assert r.kv["quantcli.smooth.activations"].value == "static"
     doc = json.loads(scales.read_text())
     assert doc["schema"] == "quantcli.smooth-scales/1" and doc["alpha"] == "auto"
+    assert doc["channel_floor"] == 0.75  # the W8A8 search's default
     assert doc["calibration"]["sha256"] == file_sha256(text)
     for layer in doc["layers"]:
         # static activations: the whole block's simulated error, for one alpha per layer, then
@@ -121,6 +122,7 @@ def test_auto_for_a_quantized_gguf_searches_llama_cpp_kernels(setup):
     res = smooth(str(src), "-o", str(tmp / "s.gguf"), "--calib", str(text), *CTX, "--alpha", "auto",
                  "--mappings", "all", "--scales-out", str(scales))
     assert res.exit_code == 0, res.output
+    assert json.loads(scales.read_text())["channel_floor"] == 0.0  # SmoothQuant's formula for these kernels
     for layer in json.loads(scales.read_text())["layers"]:
         curve = layer["alpha_grid_errors"]["block"]
         assert list(layer["alpha_grid_errors"]) == ["block"] and len(curve) == 22
