@@ -79,15 +79,18 @@ beyond its calibration maximum (ffn_down's inputs on Gemma 3 270M: 8-32x, smooth
 on the licenses and Vim's manual), and its amplified value sets a per-token scale or clips
 under a static one. `channel_floor` q raises each max|X_j| to at least the q-quantile of the
 input's channel maxima before s is computed, so no channel is amplified beyond that quantile's;
-the transform stays exact (any s > 0 is). `--alpha auto`'s W8A8 search uses CHANNEL_FLOOR
-unless told otherwise (0 turns it off); a given alpha is SmoothQuant's formula as it is, and so
-is the search for llama.cpp's kernels, whose Q8_0/Q8_K blocks give each 32 (256) channels of a
-token their own scale. The search cannot choose the floor (the calibration text rewards
-amplifying what it saw), so it is a prior, set on Gemma 3 270M: per token, calibrated on
-Genesis, q 0.75 moved Exodus' first 8 chunks 9.2921 -> 9.2528, all 79 11.2464 -> 11.2656, the
-license texts 13.2917 -> 13.2542 and Vim's manual 15.7185 -> 15.6150 (F32 9.2035, 11.1271,
-13.1245, 15.5250); q 0.5 and 0.9 (applied to auto's alphas, not searched) did less on the
-licenses.
+the transform stays exact (any s > 0 is). `--alpha auto`'s per-token W8A8 search uses
+CHANNEL_FLOOR unless told otherwise (0 turns it off); static and hybrid activations, a given
+alpha and the search for llama.cpp's kernels (whose Q8_0/Q8_K blocks give each 32 (256)
+channels of a token their own scale) keep SmoothQuant's formula as it is. The search cannot
+choose the floor (the calibration text rewards amplifying what it saw), so it is a prior, set
+on Gemma 3 270M calibrated on Genesis (F32: Exodus 8 chunks 9.2035, 79 chunks 11.1271; 40 chunks
+of the license texts 13.1245, Vim's manual 15.5250, perldiag.pod 19.2260, Python's pydoc topics
+11.9995). Per token, q 0.75 moved them 9.2921 -> 9.2528, 11.2464 -> 11.2656, 13.2917 ->
+13.2542, 15.7185 -> 15.6150, 19.4180 -> 19.3661 and 12.1755 -> 12.1208 (pydoc was scored
+only after the default was set); q 0.5 and 0.9 (on auto's alphas, not searched) did less on the
+licenses. Hybrid it lost on five of the six (pydoc 12.3674 -> 12.4908, Vim 15.9605 ->
+16.0761), static on three (Vim 17.4955 -> 17.7135).
 """
 
 from __future__ import annotations
@@ -114,8 +117,9 @@ STATIC_SCALES = ("mse", "max")
 SEARCH_ROWS = 512  # rows of each input the static clips of the block search are chosen on
 # chunks the W8A8 search runs by default (llama.cpp's kernels: 1); see the module docstring
 SEARCH_CHUNKS_W8A8 = 4
-# `--alpha auto`'s W8A8 search floors each channel's max|X_j| at this quantile of its input's
-# channel maxima before s is computed (see the module docstring, "A channel the calibration saw quiet")
+# `--alpha auto`'s per-token W8A8 search floors each channel's max|X_j| at this quantile of its
+# input's channel maxima before s is computed (see the module docstring, "A channel the calibration
+# saw quiet")
 CHANNEL_FLOOR = 0.75
 
 
@@ -441,8 +445,8 @@ class SmoothObserver(Observer, name="smooth"):
         alpha = check_alpha(alpha)
         if search_chunks is None:
             search_chunks = 1 if weight_types else SEARCH_CHUNKS_W8A8
-        if channel_floor is None:  # the W8A8 search's floor; a given alpha is SmoothQuant's formula as it is
-            channel_floor = CHANNEL_FLOOR if alpha == "auto" and not weight_types else 0.0
+        if channel_floor is None:  # the per-token search's floor; a given alpha is SmoothQuant's formula as it is
+            channel_floor = CHANNEL_FLOOR if alpha == "auto" and not weight_types and activations == "token" else 0.0
         if not 0.0 <= channel_floor <= 1.0:
             raise UsageError(f"the channel floor is a quantile in [0, 1], got {channel_floor}")
         if mappings not in MAPPING_SETS:

@@ -72,8 +72,8 @@ def smooth(
     static_scales: str = typer.Option("mse", "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max."),
     channel_floor: Optional[float] = typer.Option(None, "--channel-floor", help="Raise each channel's activation "
                                                   "maximum to this quantile of its input's before computing s (0: "
-                                                  "SmoothQuant's formula; default 0.75 with --alpha auto for W8A8, "
-                                                  "else 0)."),
+                                                  "SmoothQuant's formula; default 0.75 for --alpha auto with dynamic "
+                                                  "activations and a float or compressed-tensors output, else 0)."),
     scales_out: Optional[Path] = typer.Option(None, "--scales-out", help="Per-layer, per-channel scales and maxima as JSON."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of per-channel activation maxima before/after (needs matplotlib)."),
     keep_problem_layers: Optional[str] = typer.Option(None, "--keep-problem-layers", help="Type (e.g. F16) for the linears of problem layers."),

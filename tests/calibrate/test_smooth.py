@@ -102,15 +102,19 @@ def test_channel_floor_on_a_hand_example():
     assert smooth_scales(np.zeros(3), w[:3], 0.5, 0.75).tolist() == [1.0, 1.0, 1.0]
 
 
-def test_channel_floor_is_the_w8a8_searchs_default():
-    """`--alpha auto`'s W8A8 search floors the channel maxima at CHANNEL_FLOOR unless told; a given
-    alpha is SmoothQuant's formula as it is, and so is the search for llama.cpp's kernels (Q8_0's
-    blocks of 32 each have their own scale); a floor outside [0, 1] is a usage error."""
-    for mode in ("token", "tensor", "hybrid"):
-        assert SmoothObserver(alpha="auto", activations=mode).channel_floor == CHANNEL_FLOOR == 0.75
-    assert SmoothObserver(alpha="auto", channel_floor=0.0).channel_floor == 0.0
+def test_channel_floor_is_the_per_token_searchs_default():
+    """`--alpha auto`'s per-token W8A8 search floors the channel maxima at CHANNEL_FLOOR unless told;
+    static and hybrid activations, a given alpha and the search for llama.cpp's kernels (Q8_0's
+    blocks of 32 each have their own scale) keep SmoothQuant's formula as it is; a floor outside
+    [0, 1] is a usage error."""
+    assert SmoothObserver(alpha="auto", activations="token").channel_floor == CHANNEL_FLOOR == 0.75
+    for mode in ("tensor", "hybrid"):
+        assert SmoothObserver(alpha="auto", activations=mode).channel_floor == 0.0
+        assert SmoothObserver(alpha="auto", activations=mode, channel_floor=0.75).channel_floor == 0.75
+    assert SmoothObserver(alpha="auto", activations="token", channel_floor=0.0).channel_floor == 0.0
     assert SmoothObserver(alpha=0.8).channel_floor == 0.0
-    assert SmoothObserver(alpha="auto", weight_types={"blk.0.attn_q.weight": "Q8_0"}).channel_floor == 0.0
+    assert SmoothObserver(alpha="auto", activations="token",
+                          weight_types={"blk.0.attn_q.weight": "Q8_0"}).channel_floor == 0.0
     assert SmoothObserver(alpha=0.5, channel_floor=0.5).channel_floor == 0.5
     for bad in (-0.1, 1.5):
         with pytest.raises(UsageError, match=r"the channel floor is a quantile in \[0, 1\]"):

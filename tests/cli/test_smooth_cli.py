@@ -76,7 +76,7 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
         assert r.kv["quantcli.smooth.activations"].value == "static"
     doc = json.loads(scales.read_text())
     assert doc["schema"] == "quantcli.smooth-scales/1" and doc["alpha"] == "auto"
-    assert doc["channel_floor"] == 0.75  # the W8A8 search's default
+    assert doc["channel_floor"] == 0.0  # static: SmoothQuant's formula (the floor is per token's)
     assert doc["calibration"]["sha256"] == file_sha256(text)
     for layer in doc["layers"]:
         # static activations: the whole block's simulated error, for one alpha per layer, then
@@ -384,3 +384,34 @@ def test_hybrid_activations_are_static_but_ffn_downs_per_token(setup):
     assert ev.exit_code == 0, ev.output
     got = json.loads(ev.stdout)["evaluation"]
     assert got["static_scales_from"] == "recorded" and got["static_clipping"]["linears"] == 2 * 6
+
+
+def test_the_per_token_search_floors_quiet_channels_unless_told(setup):
+    """Per token, `--alpha auto` floors each channel's maximum at the 0.75 quantile of its input's
+    (recorded in the metadata and the scales JSON, and the scales are SmoothQuant's on the floored
+    maxima); `--channel-floor 0` is SmoothQuant's formula as it is, with other scales."""
+    from quantcli.calibrate.smooth import smooth_scales
+
+    tmp, text = setup
+    src = write_model(tmp / "m.gguf", "qwen2", n_layer=2)
+    docs = {}
+    for floor in (None, "0"):
+        out, scales = tmp / f"s{floor}.gguf", tmp / f"s{floor}.json"
+        extra = [] if floor is None else ["--channel-floor", floor]
+        res = smooth(str(src), "-o", str(out), "--calib", str(text), *CTX, "--alpha", "auto", "--type", "F32",
+                     "--scales-out", str(scales), *extra)
+        assert res.exit_code == 0, res.output
+        with open_model(out) as r:
+            assert float(r.kv["quantcli.smooth.channel_floor"].value) == (0.75 if floor is None else 0.0)
+        docs[floor] = json.loads(scales.read_text())
+    for floor, doc in docs.items():
+        q = doc["channel_floor"]
+        assert q == (0.75 if floor is None else 0.0)
+        for layer in doc["layers"]:
+            for m in layer["mappings"].values():
+                if m["alpha"] is not None:
+                    want = smooth_scales(np.array(m["act_max_before"]), np.array(m["weight_max_before"]),
+                                         m["alpha"], q)
+                    np.testing.assert_allclose(np.array(m["scales"]), want, rtol=5e-5)
+    assert docs[None]["layers"][0]["mappings"]["attn_norm->qkv"]["scales"] != \
+        docs["0"]["layers"][0]["mappings"]["attn_norm->qkv"]["scales"]
