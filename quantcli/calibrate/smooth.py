@@ -75,7 +75,7 @@ neurons, and which fire depends on the text).
 A channel the calibration saw quiet: SmoothQuant divides channel j by s_j, which grows with
 max|X_j|, so a channel that was small on the calibration text is amplified, at alpha 1 to the
 same level as the loudest. On text unlike the calibration text such a channel can fire far
-beyond its calibration maximum (ffn_down's inputs on Gemma 3 270M: 8-32x, smoothed on Genesis,
+beyond its calibration maximum (ffn_down's inputs on Gemma 3 270M: 7-32x, smoothed on Genesis,
 on the licenses and Vim's manual), and its amplified value sets a per-token scale or clips
 under a static one. `channel_floor` q raises each max|X_j| to at least the q-quantile of the
 input's channel maxima before s is computed, so no channel is amplified beyond that quantile's;

@@ -26,7 +26,7 @@ token, up to 8x its scale).
 "hybrid" is static per-tensor except ffn_down's input, which is per token. That input is
 act(gate) * up, the MLP's neurons, and which neurons fire depends on the text: on Gemma 3 270M
 smoothed on Genesis, the Debian license texts and Vim's manual drive some channel of every
-layer's ffn_down input 8-32x beyond its Genesis maximum (the same inputs of the other linears:
+layer's ffn_down input 7-32x beyond its Genesis maximum (the same inputs of the other linears:
 1-4x), and static scales calibrated on Genesis clip those by 5-28x. vLLM runs such a checkpoint
 with two schemes (compressed-tensors config groups), all of it int8.
 """
