@@ -168,6 +168,13 @@ def check_alpha(alpha: Any) -> float | str:
     return a
 
 
+def check_channel_floor(q: float, what: str = "the channel floor") -> float:
+    """A channel floor (a quantile) in [0, 1]; anything else is a usage error naming `what`."""
+    if not 0.0 <= q <= 1.0:
+        raise UsageError(f"{what} is a quantile in [0, 1], got {q}")
+    return float(q)
+
+
 def smooth_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float, floor: float = 0.0) -> np.ndarray:
     """s_j = max|X_j|^a / max|W_j|^(1-a), clamped to >= 1e-5; 1 where either maximum is 0 or the
     result is not finite. act_max, weight_max [n] -> float32 [n]. With floor q in (0, 1], max|X_j|
@@ -447,8 +454,7 @@ class SmoothObserver(Observer, name="smooth"):
             search_chunks = 1 if weight_types else SEARCH_CHUNKS_W8A8
         if channel_floor is None:  # the per-token search's floor; a given alpha is SmoothQuant's formula as it is
             channel_floor = CHANNEL_FLOOR if alpha == "auto" and not weight_types and activations == "token" else 0.0
-        if not 0.0 <= channel_floor <= 1.0:
-            raise UsageError(f"the channel floor is a quantile in [0, 1], got {channel_floor}")
+        channel_floor = check_channel_floor(channel_floor)
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
         if not 0.0 < grid <= 1.0:
@@ -473,7 +479,7 @@ class SmoothObserver(Observer, name="smooth"):
         # the GGUF's planned type of each block linear (weight name -> GGML type): `--alpha auto`
         # then searches for llama.cpp's CPU kernels (see _ggml_block_error), "left as it is" included
         self.weight_types = weight_types
-        self.channel_floor = float(channel_floor)  # quantile each channel's max|X_j| is raised to (0: none)
+        self.channel_floor = channel_floor  # quantile each channel's max|X_j| is raised to (0: none)
         self.result_: SmoothResult | None = None
 
     def begin(self, model: Model, chunks: np.ndarray) -> None:

@@ -42,6 +42,8 @@ from quantcli.errors import InputError, UsageError
 
 MODES = ("token", "tensor", "hybrid")
 DYNAMIC_IN_HYBRID = ("ffn_down",)  # the linears (short names) "hybrid" quantizes per token
+# what `smooth --activations` and the compressed-tensors writer call each mode
+ACTIVATION_MODES = {"dynamic": "token", "static": "tensor", "hybrid": "hybrid"}
 QMAX = 127  # symmetric int8: -127..127 (-128 unused, as compressed-tensors' symmetric int8)
 
 

@@ -60,7 +60,7 @@ from gguf import GGMLQuantizationType
 
 from quantcli.codecs import sym4
 from quantcli.convert.to_hf import HFLayout, block_linear, hf_config, stored_dtype
-from quantcli.engine.w8a8 import QMAX, mode_of, quantize_weight
+from quantcli.engine.w8a8 import ACTIVATION_MODES, QMAX, mode_of, quantize_weight
 from quantcli.errors import InputError, NumericError, OutputError, UsageError
 from quantcli.formats import TensorSpec, create_writer
 from quantcli.formats.atomic import atomic_write, describe, fsync_dir
@@ -68,7 +68,6 @@ from quantcli.formats.dtypes import SAFETENSORS_DTYPES
 from quantcli.formats.safetensors import INDEX_NAME, SINGLE_NAME
 from quantcli.pipelines.common import Progress, ProgressFn, progress_or_noop
 
-ACTIVATIONS = ("dynamic", "static", "hybrid")  # hybrid: static, ffn_down dynamic (engine.w8a8)
 SCHEMES = ("W8A8", "W4A16")
 GROUP = 64  # W4A16's group size: the SYM4_B64 block
 SCHEMA_VERSION = "0.20.1"  # the compressed-tensors release whose config.json layout this writes
@@ -185,8 +184,8 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
     step = progress_or_noop(progress)
     if scheme not in SCHEMES:
         raise UsageError(f"unknown scheme '{scheme}'; known: {', '.join(SCHEMES)}")
-    if activations not in ACTIVATIONS:
-        raise UsageError(f"unknown activation scheme '{activations}'; known: {', '.join(ACTIVATIONS)}")
+    if activations not in ACTIVATION_MODES:
+        raise UsageError(f"unknown activation scheme '{activations}'; known: {', '.join(ACTIVATION_MODES)}")
     if scheme == "W4A16" and activations != "dynamic":
         raise UsageError("W4A16 quantizes no activations: static activation scales belong to W8A8")
     # the linears whose input has a static scale ("static": all; "hybrid": all but ffn_down)
@@ -194,8 +193,7 @@ def write_compressed_tensors(reader: Any, out_dir: Path, *, linears: Iterable[st
         raise UsageError(f"shard_bytes must be positive, not {shard_bytes}")
     out = Path(out_dir)
     chosen = _check_linears(reader, linears, scheme)
-    static = {n for n in chosen
-              if activations == "static" or (activations == "hybrid" and mode_of("hybrid", n) == "tensor")}
+    static = {n for n in chosen if mode_of(ACTIVATION_MODES[activations], n) == "tensor"}
     scales = _input_scales(static, input_max) if static else {}
     if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
         raise InputError(f"{tokenizer_dir}: no such tokenizer directory")

@@ -29,6 +29,7 @@ import numpy as np
 
 from quantcli import checkpoint
 from quantcli.digests import file_sha256
+from quantcli.engine.w8a8 import ACTIVATION_MODES, mode_of
 from quantcli.errors import InputError, OutputError, UsageError
 from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.pipelines import cluster
@@ -39,7 +40,7 @@ DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
 FORMATS = ("gguf", "compressed-tensors")
 # --activations -> W8A8 simulation mode; hybrid: static, but ffn_down's input per token (engine.w8a8)
-ACTIVATIONS = {"dynamic": "token", "static": "tensor", "hybrid": "hybrid"}
+ACTIVATIONS = ACTIVATION_MODES
 # a smoothed linear whose simulated W8A8 error ||dY||^2 / ||Y||^2 on the calibration rows stays above
 # this is a problem layer (a relative RMS error of 2.6 %). Set on Gemma 3 270M (static activations,
 # alpha 0.8, all mappings): every ffn_down measured 8.1e-4..4.6e-3, every other linear 0.6e-4..6.0e-4,
@@ -66,7 +67,7 @@ class SmoothOptions:
     plot: Path | None = None  # a PNG of per-channel activation maxima, before/after, worst layers
     static_scales: str = "mse"  # static activations: "mse"-clipped maxima, or the plain "max"
     # raise each channel's max|X_j| to this quantile of its input's before s (0: none; None: the
-    # observer's default, CHANNEL_FLOOR for --alpha auto's W8A8 search, else none)
+    # observer's default, CHANNEL_FLOOR for --alpha auto's per-token W8A8 search, else none)
     channel_floor: float | None = None
     keep_problem_layers: str | None = None  # a type (F16, BF16, F32, Q8_0 ...) for problem linears
     problem_error: float = PROBLEM_ERROR
@@ -124,7 +125,7 @@ class SmoothRunResult:
 
 def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | str:
     """Every option and output checked before the calibration pass: the alpha (float or 'auto')."""
-    from quantcli.calibrate.smooth import MAPPING_SETS, STATIC_SCALES, check_alpha
+    from quantcli.calibrate.smooth import MAPPING_SETS, STATIC_SCALES, check_alpha, check_channel_floor
     from quantcli.presets import get_preset, ggml_type_name
 
     alpha = check_alpha(opts.alpha)
@@ -140,8 +141,8 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError("--chunks and --ctx must be positive")
     if not CHUNK_RANGE[0] <= opts.chunks <= CHUNK_RANGE[1]:
         warn(f"{opts.chunks} chunks is outside the recommended {CHUNK_RANGE[0]}-{CHUNK_RANGE[1]}")
-    if opts.channel_floor is not None and not 0.0 <= opts.channel_floor <= 1.0:
-        raise UsageError(f"--channel-floor is a quantile in [0, 1], got {opts.channel_floor}")
+    if opts.channel_floor is not None:
+        check_channel_floor(opts.channel_floor, "--channel-floor")
     if not opts.problem_error > 0:
         raise UsageError(f"the problem-layer threshold must be positive, got {opts.problem_error}")
     if opts.format == "gguf":
@@ -214,8 +215,6 @@ def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
     """The layers where a smoothed linear's simulated W8A8 error stays above `threshold`, with why
     (the outlier ratio left in its input) and what to do about it."""
-    from quantcli.engine.w8a8 import DYNAMIC_IN_HYBRID
-
     out = []
     for il, layer in result.layers.items():
         bad = {f"blk.{il}.{k}.weight": v for k, v in layer.error_after.items() if v > threshold}
@@ -226,7 +225,7 @@ def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float
         remedies = []
         if opts.activations != "dynamic":
             remedies.append("per-token activations (--activations dynamic)")
-        if opts.activations == "static" and any(k.split(".")[2] in DYNAMIC_IN_HYBRID for k in bad):
+        if opts.activations == "static" and any(mode_of("hybrid", k) == "token" for k in bad):
             remedies.append("ffn_down's per token (--activations hybrid)")
         if alpha != "auto":
             remedies.append("--alpha auto")
