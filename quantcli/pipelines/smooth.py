@@ -29,7 +29,6 @@ import numpy as np
 
 from quantcli import checkpoint
 from quantcli.digests import file_sha256
-from quantcli.engine.w8a8 import ACTIVATION_MODES, mode_of
 from quantcli.errors import InputError, OutputError, UsageError
 from quantcli.formats.atomic import atomic_write, check_output, describe
 from quantcli.pipelines import cluster
@@ -39,8 +38,6 @@ from quantcli.progress import collect_warnings
 DEFAULT_CHUNKS = 512
 CHUNK_RANGE = (128, 1024)  # the documented calibration range (spec FR-013)
 FORMATS = ("gguf", "compressed-tensors")
-# --activations -> W8A8 simulation mode; hybrid: static, but ffn_down's input per token (engine.w8a8)
-ACTIVATIONS = ACTIVATION_MODES
 # a smoothed linear whose simulated W8A8 error ||dY||^2 / ||Y||^2 on the calibration rows stays above
 # this is a problem layer (a relative RMS error of 2.6 %). Set on Gemma 3 270M (static activations,
 # alpha 0.8, all mappings): every ffn_down measured 8.1e-4..4.6e-3, every other linear 0.6e-4..6.0e-4,
@@ -126,6 +123,7 @@ class SmoothRunResult:
 def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | str:
     """Every option and output checked before the calibration pass: the alpha (float or 'auto')."""
     from quantcli.calibrate.smooth import MAPPING_SETS, STATIC_SCALES, check_alpha, check_channel_floor
+    from quantcli.engine.w8a8 import ACTIVATION_MODES
     from quantcli.presets import get_preset, ggml_type_name
 
     alpha = check_alpha(opts.alpha)
@@ -133,8 +131,8 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError(f"unknown --mappings '{opts.mappings}'; known: {', '.join(MAPPING_SETS)}")
     if opts.format not in FORMATS:
         raise UsageError(f"unknown --format '{opts.format}'; known: {', '.join(FORMATS)}")
-    if opts.activations not in ACTIVATIONS:
-        raise UsageError(f"unknown --activations '{opts.activations}'; known: {', '.join(ACTIVATIONS)}")
+    if opts.activations not in ACTIVATION_MODES:
+        raise UsageError(f"unknown --activations '{opts.activations}'; known: {', '.join(ACTIVATION_MODES)}")
     if opts.static_scales not in STATIC_SCALES:
         raise UsageError(f"unknown --static-scales '{opts.static_scales}'; known: {', '.join(STATIC_SCALES)}")
     if opts.chunks < 1 or opts.ctx < 1:
@@ -215,6 +213,8 @@ def gguf_types(reader: Any, opts: SmoothOptions) -> dict[str, str] | None:
 def problems_of(result: Any, threshold: float, opts: SmoothOptions, alpha: float | str) -> list[Problem]:
     """The layers where a smoothed linear's simulated W8A8 error stays above `threshold`, with why
     (the outlier ratio left in its input) and what to do about it."""
+    from quantcli.engine.w8a8 import mode_of
+
     out = []
     for il, layer in result.layers.items():
         bad = {f"blk.{il}.{k}.weight": v for k, v in layer.error_after.items() if v > threshold}
@@ -351,6 +351,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
     from quantcli.calibrate.runner import RunOptions, run_calibration
     from quantcli.calibrate.smooth import SmoothedReader, SmoothObserver, mappings_for
     from quantcli.engine.model import Model, LINEARS
+    from quantcli.engine.w8a8 import ACTIVATION_MODES
 
     warnings, warn_ = collect_warnings(warn)
 
@@ -372,7 +373,7 @@ def run(opts: SmoothOptions, progress: ProgressFn | None = None,
         run_opts = RunOptions(ctx=opts.ctx, chunks=opts.chunks, checkpoint_dir=ckpt / "calibration",
                               keep_checkpoints=True, kind="smooth")
         t0 = time.perf_counter()
-        obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATIONS[opts.activations],
+        obs = SmoothObserver(alpha=alpha, mappings=opts.mappings, activations=ACTIVATION_MODES[opts.activations],
                              static_scales=opts.static_scales, channel_floor=opts.channel_floor,
                              weight_types=gguf_types(reader, opts) if alpha == "auto" else None)  # see gguf_types
         gptq_obs = GPTQObserver() if opts.gptq else None  # after obs: it sees the layer as obs folded it
