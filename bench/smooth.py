@@ -10,9 +10,9 @@ static but ffn_down per token) the model without
 smoothing and smoothed with alpha 0.5, 0.8 and auto, on the norm mappings and on all four. The
 scales are calibrated on `--calib` (another text than the one scored; pass the eval text to
 calibrate on it); `auto` searches alpha with the row's activation mode. Static per-tensor
-activation scales come from the calibration text too, MSE-clipped (`--static-scales max`: the
-maxima): for a smoothed model those `quantcli smooth` records, for the plain one those the
-static-scales observer gives, which is what `quantcli report --simulate w8a8:tensor --calib TEXT`
+activation scales come from the calibration text too, MSE-clipped for static and the maxima for
+hybrid, as `smooth` chooses them (`--static-scales mse|max` for both): for a smoothed model
+those `quantcli smooth` records, for the plain one those the static-scales observer gives, which is what `quantcli report --simulate w8a8:tensor --calib TEXT`
 uses. Each evaluation is llama-perplexity's method (ctx, second half scored) through
 `quantcli.engine.perplexity.evaluate`. With `--gptq`, every smoothed row is also scored with its
 int8 weights rounded by GPTQ on the same calibration pass (what `smooth --format compressed-tensors
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._util import smoothing_args  # noqa: E402
 from quantcli.calibrate.runner import RunOptions, run_calibration  # noqa: E402
 from quantcli.calibrate.gptq import GPTQObserver  # noqa: E402
-from quantcli.calibrate.smooth import SmoothedReader, SmoothObserver, StaticScaleObserver  # noqa: E402
+from quantcli.calibrate.smooth import (  # noqa: E402
+    SmoothedReader, SmoothObserver, StaticScaleObserver, default_static_scales)
 from quantcli.engine.model import Model  # noqa: E402
 from quantcli.engine.perplexity import PerplexityOptions, evaluate  # noqa: E402
 from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
@@ -47,7 +48,8 @@ def main() -> None:
     ap.add_argument("--channel-floor", type=float, default=0.0, help="smooth --channel-floor")
     ap.add_argument("--alphas", default="0.5,0.8,auto", help="comma-separated: numbers and/or auto")
     ap.add_argument("--mappings", default="norm,all", help="comma-separated: norm and/or all")
-    ap.add_argument("--static-scales", choices=("mse", "max"), default="mse")
+    ap.add_argument("--static-scales", choices=("mse", "max"), default=None,
+                    help="static scales of every static mode (default: smooth's, mse for static, max for hybrid)")
     ap.add_argument("--gptq", action="store_true", help="also score each smoothed model with GPTQ's int8 weights")
     args = ap.parse_args()
     modes = [args.only] if args.only else ["tensor", "token"]
@@ -66,8 +68,11 @@ def main() -> None:
         def engine(mode: str, static: dict[str, float] | None) -> W8A8:
             return W8A8("token") if mode == "token" else W8A8(mode, act_max=static)
 
-        plain_static = run_calibration(Model(reader), calib, run,
-                                       [StaticScaleObserver(args.static_scales)]).observers[0].result()
+        def scales_of(mode: str) -> str:
+            return args.static_scales or default_static_scales(mode)
+
+        plain_static = {k: run_calibration(Model(reader), calib, run, [StaticScaleObserver(k)]).observers[0].result()
+                        for k in sorted({scales_of(m) for m in modes if m != "token"})}
 
         t0 = time.perf_counter()
         base = ppl(reader, None)
@@ -76,17 +81,17 @@ def main() -> None:
         rows = []
         for mode in modes:
             t0 = time.perf_counter()
-            p = ppl(reader, engine(mode, plain_static))
+            p = ppl(reader, engine(mode, plain_static.get(scales_of(mode))))
             rows.append((mode, "none", "-", p, ""))
             print(f"{'W8A8 ' + mode + ', no smoothing':<28} {p:8.4f} {100 * (p / base - 1):+7.2f} %   "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             for maps in args.mappings.split(","):
                 for alpha in alphas:
                     t0 = time.perf_counter()
-                    key = (maps, alpha if alpha != "auto" else f"auto-{mode}")
+                    key = (maps, alpha if alpha != "auto" else f"auto-{mode}", scales_of(mode))
                     if key not in smoothed:
                         observers = [SmoothObserver(alpha=alpha, mappings=maps, activations=mode,
-                                                    static_scales=args.static_scales,
+                                                    static_scales=scales_of(mode),
                                                     channel_floor=args.channel_floor)]
                         observers += [GPTQObserver()] if args.gptq else []
                         run_calibration(Model(reader), calib, dataclasses.replace(run, kind="smooth"), observers)

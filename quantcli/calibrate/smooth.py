@@ -62,7 +62,7 @@ no alpha gives: alpha 0 is 1 / max|W_j|), for what the int8 engine will do:
   layer it does not help keeps its weights; on Gemma 3 270M (Q8_0, Exodus) llama-perplexity
   measured 9.2151 against 9.2202 for plain Q8_0 and 9.2265 for the W8A8 objective.
 
-Static per-tensor scales (`static_scales`): "mse" (default) takes for each matmul input the
+Static per-tensor scales (`static_scales`): "mse" (static's default) takes for each matmul input the
 max|x| (scale * 127) among max * 0.05^(k/30), k = 0..30, that minimises sum((dq(q(x)) - x)^2) over
 the sampled rows — llm-compressor's `mse` observer: it clips the rare massive activations (BOS,
 super-weight channels) that would otherwise leave typical tokens a few int8 steps; "max" takes
@@ -70,7 +70,14 @@ the calibration maximum.
 
 `activations="hybrid"` simulates static per-tensor scales on every linear but ffn_down, whose
 input is quantized per token (engine/w8a8.py says why: ffn_down's input channels are the MLP's
-neurons, and which fire depends on the text).
+neurons, and which fire depends on the text). Its static scales default to "max"
+(default_static_scales): the MSE clip pays where an input's tails are long, ffn_down's, which
+hybrid quantizes per token; on the norm outputs and attn_output it clips what other text drives
+further. On Gemma 3 270M calibrated on Genesis, hybrid searched with "max" against "mse" (F32
+in brackets): Exodus 8 chunks 9.3056 / 9.3186 (9.2035), 79 chunks 11.2840 / 11.3088 (11.1271),
+40 chunks of the license texts 13.3340 / 13.4954 (13.1245), Vim's manual 15.6805 / 15.9605
+(15.5250), perldiag.pod 19.4403 / 19.7393 (19.2260), Python's pydoc topics 12.2043 / 12.3674
+(11.9995), and the search took 787 s of one core against 1383 s.
 
 A channel the calibration saw quiet: SmoothQuant divides channel j by s_j, which grows with
 max|X_j|, so a channel that was small on the calibration text is amplified, at alpha 1 to the
@@ -89,8 +96,9 @@ of the license texts 13.1245, Vim's manual 15.5250, perldiag.pod 19.2260, Python
 11.9995). Per token, q 0.75 moved them 9.2921 -> 9.2528, 11.2464 -> 11.2656, 13.2917 ->
 13.2542, 15.7185 -> 15.6150, 19.4180 -> 19.3661 and 12.1755 -> 12.1208 (pydoc was scored
 only after the default was set); q 0.5 and 0.9 (on auto's alphas, not searched) did less on the
-licenses. Hybrid it lost on five of the six (pydoc 12.3674 -> 12.4908, Vim 15.9605 ->
-16.0761), static on three (Vim 17.4955 -> 17.7135).
+licenses. Hybrid it lost on five of the six with MSE-clipped static scales (pydoc 12.3674 ->
+12.4908, Vim 15.9605 -> 16.0761) and on four with hybrid's maxima (Exodus 8 chunks 9.3056 ->
+9.3427, Vim 15.6805 -> 15.7258), static on three (Vim 17.4955 -> 17.7135).
 """
 
 from __future__ import annotations
@@ -153,6 +161,12 @@ def mappings_for(arch: str, which: str = "norm") -> tuple[Mapping, ...]:
         raise InputError(f"SmoothQuant knows no norm -> linear mappings for architecture '{arch}'; "
                          f"known: {', '.join(sorted(MAPPINGS))}")
     return tuple(m for m in MAPPINGS[arch] if which == "all" or not m.optional)
+
+
+def default_static_scales(activations: str) -> str:
+    """The static scales an activation mode (engine.w8a8.MODES) gets unless told: "max" for hybrid,
+    "mse" for static (and per token, which has none; see the module docstring)."""
+    return "max" if activations == "hybrid" else "mse"
 
 
 def check_alpha(alpha: Any) -> float | str:
@@ -333,6 +347,7 @@ class SmoothResult:
     alpha: float | str  # as asked: a number or "auto"
     layers: dict[int, LayerSmoothing] = field(default_factory=dict)
     channel_floor: float = 0.0  # the quantile each channel's max|X_j| was floored at for s (0: none)
+    static_scales: str = "mse"  # how the static scales (layers' static_max) were chosen: "mse" or "max"
 
     def fold(self, name: str, arr: np.ndarray) -> np.ndarray:
         """Tensor `name` (full GGUF name) of the model with the scales folded in (others unchanged)."""
@@ -446,7 +461,7 @@ class SmoothObserver(Observer, name="smooth"):
     float32 rounding."""
 
     def __init__(self, alpha: float | str = 0.5, mappings: str = "norm", grid: float = 0.05,
-                 activations: str = "tensor", max_rows: int = 2048, static_scales: str = "mse",
+                 activations: str = "tensor", max_rows: int = 2048, static_scales: str | None = None,
                  search_chunks: int | None = None, weight_types: dict[str, str] | None = None,
                  channel_floor: float | None = None) -> None:
         alpha = check_alpha(alpha)
@@ -455,6 +470,8 @@ class SmoothObserver(Observer, name="smooth"):
         if channel_floor is None:  # the per-token search's floor; a given alpha is SmoothQuant's formula as it is
             channel_floor = CHANNEL_FLOOR if alpha == "auto" and not weight_types and activations == "token" else 0.0
         channel_floor = check_channel_floor(channel_floor)
+        if static_scales is None:
+            static_scales = default_static_scales(activations)
         if mappings not in MAPPING_SETS:
             raise UsageError(f"unknown mappings '{mappings}'; known: {', '.join(MAPPING_SETS)}")
         if not 0.0 < grid <= 1.0:
@@ -486,7 +503,7 @@ class SmoothObserver(Observer, name="smooth"):
         cfg = model.config
         self.model_ = model
         self.result_ = SmoothResult(cfg.arch, mappings_for(cfg.arch, self.mappings), cfg, self.alpha,
-                                    channel_floor=self.channel_floor)
+                                    channel_floor=self.channel_floor, static_scales=self.static_scales)
         self.rows_ = sample_rows(chunks, self.max_rows)  # sampled positions per chunk
 
     # -- the layer --------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def smooth(
     fmt: str = typer.Option("gguf", "--format", help="gguf (through the quantize pipeline) or compressed-tensors (vLLM W8A8)."),
     preset: str = typer.Option("Q8_0", "--type", "-t", help="GGUF preset for the smoothed model."),
     activations: str = typer.Option("dynamic", "--activations", help="int8 activations: dynamic (per token), static (per tensor), or hybrid (static, ffn_down per token)."),
-    static_scales: str = typer.Option("mse", "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max."),
+    static_scales: Optional[str] = typer.Option(None, "--static-scales", help="static activations: mse (clipped maxima, llm-compressor's mse observer) or max (default: mse for static, max for hybrid)."),
     channel_floor: Optional[float] = typer.Option(None, "--channel-floor", help="Raise each channel's activation "
                                                   "maximum to this quantile of its input's before computing s (0: "
                                                   "SmoothQuant's formula; default 0.75 for --alpha auto with dynamic "

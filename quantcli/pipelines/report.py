@@ -255,7 +255,8 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     per-tensor activation scales are, in this order: the calibration maxima a smoothed model
     records (`quantcli smooth` writes them), the maxima of every matmul input on `calib`'s chunks,
     or on the evaluation text's own chunks (the best case for static scales). Scales are measured
-    by the static-scales observer on the unsimulated model, one extra pass over the layers. The
+    by the static-scales observer on the unsimulated model, one extra pass over the layers (MSE
+clips for static, maxima for hybrid, as `smooth` chooses them). The
     linears a smoothed model kept at higher precision (`quantcli.smooth.kept`) run in float, as an
     int8 engine runs the layers its config ignores. A static engine tallies what its scales clip
     on the evaluated text (`W8A8.saturation`)."""
@@ -276,13 +277,14 @@ def simulation(reader: ModelReader, spec: str | None, text: str, ctx: int, chunk
     if recorded is not None:
         return W8A8(mode, act_max=recorded, keep=keep, saturation=Saturation()), "recorded"
     from quantcli.calibrate.runner import RunOptions, make_observer, run_calibration
+    from quantcli.calibrate.smooth import default_static_scales
     from quantcli.engine.model import Model
     from quantcli.engine.tokenizer import Tokenizer
 
     tokens = Tokenizer.from_model(reader).encode(calib if calib is not None else text, add_special=True,
                                                  parse_special=False)
     run = run_calibration(Model(reader), tokens, RunOptions(ctx=ctx, chunks=chunks, kind="static-scales"),
-                          [make_observer("static-scales")], progress)
+                          [make_observer("static-scales", static_scales=default_static_scales(mode))], progress)
     return (W8A8(mode, act_max=run.observers[0].result(), keep=keep, saturation=Saturation()),
             "calib" if calib is not None else "eval-text")
 

@@ -62,7 +62,9 @@ class SmoothOptions:
     #   hybrid (static, ffn_down per token)
     scales_out: Path | None = None  # the per-layer, per-channel report as JSON
     plot: Path | None = None  # a PNG of per-channel activation maxima, before/after, worst layers
-    static_scales: str = "mse"  # static activations: "mse"-clipped maxima, or the plain "max"
+    # static activations: "mse"-clipped maxima, or the plain "max" (None: mse for static, max for
+    # hybrid; calibrate.smooth.default_static_scales)
+    static_scales: str | None = None
     # raise each channel's max|X_j| to this quantile of its input's before s (0: none; None: the
     # observer's default, CHANNEL_FLOOR for --alpha auto's per-token W8A8 search, else none)
     channel_floor: float | None = None
@@ -133,7 +135,7 @@ def check_options(opts: SmoothOptions, warn: Callable[[str], None]) -> float | s
         raise UsageError(f"unknown --format '{opts.format}'; known: {', '.join(FORMATS)}")
     if opts.activations not in ACTIVATION_MODES:
         raise UsageError(f"unknown --activations '{opts.activations}'; known: {', '.join(ACTIVATION_MODES)}")
-    if opts.static_scales not in STATIC_SCALES:
+    if opts.static_scales is not None and opts.static_scales not in STATIC_SCALES:
         raise UsageError(f"unknown --static-scales '{opts.static_scales}'; known: {', '.join(STATIC_SCALES)}")
     if opts.chunks < 1 or opts.ctx < 1:
         raise UsageError("--chunks and --ctx must be positive")
@@ -283,6 +285,7 @@ def scales_json(result: Any, opts: SmoothOptions, calib_sha: str, problems: list
             "calibration": {"file": str(opts.calib), "sha256": calib_sha, "ctx": opts.ctx},
             "alpha": result.alpha, "mappings": [m.name for m in result.mappings],
             "activations": opts.activations, "channel_floor": result.channel_floor,
+            "static_scales": result.static_scales if opts.activations != "dynamic" else None,
             "problem_error": opts.problem_error, "problems": [p.layer for p in problems], "layers": layers}
 
 
@@ -317,7 +320,7 @@ def recipe(result: Any, opts: SmoothOptions, calib_sha: str, n_chunks: int, kept
     for m in result.mappings:
         meta[f"smooth.alphas.{m.name}"] = [float(result.layers[il].alpha_of(m)) for il in sorted(result.layers)]
     if static:
-        meta["smooth.static_scales"] = opts.static_scales
+        meta["smooth.static_scales"] = result.static_scales
         meta["smooth.static_max.names"] = sorted(static)
         meta["smooth.static_max.values"] = np.array([static[n] for n in sorted(static)], "<f4")
     return meta

@@ -121,6 +121,17 @@ def test_channel_floor_is_the_per_token_searchs_default():
             SmoothObserver(alpha="auto", channel_floor=bad)
 
 
+def test_hybrid_static_scales_default_to_the_maxima():
+    """Static activations get MSE-clipped scales unless told, hybrid the calibration maxima (its
+    long-tailed input, ffn_down's, is per token); either can be asked for."""
+    assert SmoothObserver(alpha="auto", activations="tensor").static_scales == "mse"
+    assert SmoothObserver(alpha="auto", activations="hybrid").static_scales == "max"
+    assert SmoothObserver(alpha="auto", activations="hybrid", static_scales="mse").static_scales == "mse"
+    assert SmoothObserver(alpha=0.5, activations="tensor", static_scales="max").static_scales == "max"
+    with pytest.raises(UsageError, match="unknown static scales 'p99'; known: mse, max"):
+        SmoothObserver(activations="hybrid", static_scales="p99")
+
+
 @pytest.mark.parametrize("alpha", [1.5, -0.1, "high", True, None])
 def test_alpha_outside_the_unit_interval_is_a_usage_error(alpha):
     with pytest.raises(UsageError, match=r"alpha .* is outside \[0, 1\]; use a migration strength in \[0, 1\] or 'auto'"):

@@ -77,6 +77,7 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
     doc = json.loads(scales.read_text())
     assert doc["schema"] == "quantcli.smooth-scales/1" and doc["alpha"] == "auto"
     assert doc["channel_floor"] == 0.0  # static: SmoothQuant's formula (the floor is per token's)
+    assert doc["static_scales"] == "mse"  # static's default: MSE-clipped maxima
     assert doc["calibration"]["sha256"] == file_sha256(text)
     for layer in doc["layers"]:
         # static activations: the whole block's simulated error, for one alpha per layer, then
@@ -98,6 +99,7 @@ def test_q8_0_output_scales_json_and_recorded_static_scales(setup):
                                    np.array(m["weight_max_before"]) * np.array(m["scales"]), rtol=1e-5)
         assert m["outlier_ratio"]["after"] <= m["outlier_ratio"]["before"] + 1e-6
     with open_model(out) as r:  # the static scales recorded are the clipped ones of the JSON
+        assert r.kv["quantcli.smooth.static_scales"].value == "mse"
         names = [str(n) for n in r.kv["quantcli.smooth.static_max.names"].value]
         values = dict(zip(names, r.kv["quantcli.smooth.static_max.values"].value))
         # the JSON keeps 6 significant digits: equal to within half a unit of the 6th
@@ -343,7 +345,8 @@ def test_hybrid_activations_are_static_but_ffn_downs_per_token(setup):
     whose input is quantized per token; the directory has a static config group for q/k/v/o and
     gate/up (with input_scale) and a dynamic one for down_proj (without); a GGUF records its
     static scales, and `report --simulate w8a8:hybrid` uses them on all but ffn_down. The
-    channel floor asked for is what the scales were made with."""
+    channel floor asked for is what the scales were made with, and the static scales are the
+    calibration maxima (hybrid's default: its long-tailed input, ffn_down's, is per token)."""
     from safetensors.numpy import load_file
 
     from quantcli.calibrate.smooth import smooth_scales
@@ -366,7 +369,7 @@ def test_hybrid_activations_are_static_but_ffn_downs_per_token(setup):
         for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"):
             assert tensors[f"model.layers.{il}.{proj}.input_scale"].shape == (1,)
     doc = json.loads(scales.read_text())
-    assert doc["activations"] == "hybrid" and doc["channel_floor"] == 0.75
+    assert doc["activations"] == "hybrid" and doc["channel_floor"] == 0.75 and doc["static_scales"] == "max"
     for layer in doc["layers"]:
         for m in layer["mappings"].values():
             if m["alpha"] is None:
@@ -379,6 +382,11 @@ def test_hybrid_activations_are_static_but_ffn_downs_per_token(setup):
     with open_model(out) as r:
         assert r.kv["quantcli.smooth.activations"].value == "hybrid"
         assert float(r.kv["quantcli.smooth.channel_floor"].value) == 0.75
+        assert r.kv["quantcli.smooth.static_scales"].value == "max"
+        kv = {k: [str(n) for n in r.kv[f"quantcli.smooth.{k}.names"].value] for k in ("input_max", "static_max")}
+        static = dict(zip(kv["static_max"], r.kv["quantcli.smooth.static_max.values"].value))
+        maxima = dict(zip(kv["input_max"], r.kv["quantcli.smooth.input_max.values"].value))
+        assert static and all(static[n] == pytest.approx(maxima[n], rel=1e-6) for n in static)
     ev = runner.invoke(app, ["report", str(out), "--json", "--eval-text", str(text), "--ctx", "64",
                              "--chunks", "2", "--simulate", "w8a8:hybrid"])
     assert ev.exit_code == 0, ev.output
