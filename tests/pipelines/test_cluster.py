@@ -340,6 +340,22 @@ def test_without_ray_the_flag_names_the_extra(model, tmp_path, monkeypatch):
 # -- a real local Ray cluster --------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_blas_thread(monkeypatch):
+    """One BLAS thread in this process and in what it starts, for the runs compared with a local
+    one-thread run. OpenBLAS reads OPENBLAS_NUM_THREADS when it loads, so the variable alone pins
+    the children and the workers (cluster.pinned) but leaves this process's own matmuls, the
+    coordinator's (smooth's and sensitivity's decisions), on every core, where on some CPUs they
+    round otherwise than one thread's (seen on an AMD EPYC: the per-mapping alpha curves differed
+    in their 5th digit). threadpoolctl sets the thread count of the BLAS already loaded."""
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
@@ -438,10 +454,9 @@ def _kill_once_checkpointed(first: Path, task: str, *args) -> None:
     assert result["res"].exit_code == 0, result["res"].output
 
 
-def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
+def test_ray_imatrix_equals_the_local_file(ray_cluster, model, tmp_path, one_blas_thread):
     """imatrix --ray on 2 workers (one BLAS thread each, as the coordinator's environment says)
     equals `imatrix` run locally with one BLAS thread, byte for byte."""
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     local, remote = tmp_path / "local.imatrix", tmp_path / "ray.imatrix"
     args = ["-f", EXODUS, "--chunks", "40", "--ctx", "64", "-q"]
     _local_one_thread("imatrix", model, "-o", local, *args)
@@ -467,10 +482,9 @@ def test_ray_refuses_an_input_the_workers_read_differently(ray_cluster, model, t
     assert cluster.blas_threads() >= 1
 
 
-def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
+def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, one_blas_thread):
     """SIGKILL the workers running blocks once the first block is checkpointed: their blocks run
     again on new workers and the file still equals the local run's."""
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     model = write_model(tmp_path / "m.gguf", "llama", n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
                         tied=False)
     text = tmp_path / "text.txt"
@@ -483,10 +497,9 @@ def test_ray_worker_killed_during_imatrix(ray_cluster, tmp_path, monkeypatch):
     assert local.read_bytes() == remote.read_bytes()
 
 
-def test_ray_smooth_equals_the_local_file(ray_cluster, model, tmp_path, monkeypatch):
+def test_ray_smooth_equals_the_local_file(ray_cluster, model, tmp_path, one_blas_thread, monkeypatch):
     """smooth --ray (alpha auto, static block search) on 2 workers, one BLAS thread each, writes
     the file and scales of a local run with one BLAS thread, byte for byte."""
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     local, remote = tmp_path / "local.gguf", tmp_path / "ray.gguf"
     args = ["--calib", EXODUS, *SMOOTH_ARGS]
@@ -496,10 +509,9 @@ def test_ray_smooth_equals_the_local_file(ray_cluster, model, tmp_path, monkeypa
     assert local.with_suffix(".json").read_bytes() == remote.with_suffix(".json").read_bytes()
 
 
-def test_ray_smooth_shard_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
+def test_ray_smooth_shard_killed_mid_run(ray_cluster, tmp_path, one_blas_thread, monkeypatch):
     """SIGKILL the actors holding shards while smooth --ray runs: new ones replay the layers passed
     and the file still equals the local run's."""
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     model = write_model(tmp_path / "m.gguf", "llama", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, n_ff=512,
                         tied=False)
@@ -511,12 +523,11 @@ def test_ray_smooth_shard_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     assert local.read_bytes() == remote.read_bytes()
 
 
-def test_ray_sensitivity_equals_the_local_measurement(ray_cluster, tmp_path, monkeypatch):
+def test_ray_sensitivity_equals_the_local_measurement(ray_cluster, tmp_path, one_blas_thread):
     """The automatic mix's analysis (imatrix and sensitivity) with --ray on 2 workers equals the
     local run's with one BLAS thread, and so does the mix chosen from it."""
     import json
 
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     model = write_model(tmp_path / "a.gguf", "llama", n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512)
     local, remote = tmp_path / "local.json", tmp_path / "ray.json"
     a = _local_one_thread("quantize", model, tmp_path / "l.gguf", "--calib", EXODUS, "--measurement", local,
