@@ -21,7 +21,6 @@ scores it. The README ("Online rotations") has the table this gave for Gemma 3 2
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,8 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._util import smoothing_args  # noqa: E402
 from quantcli.calibrate.runner import Observer, RunOptions, run_calibration  # noqa: E402
-from quantcli.calibrate.smooth import StaticScaleObserver, mse_clip, sample_rows  # noqa: E402
+from quantcli.calibrate.smooth import _SHARING, StaticScaleObserver, mse_clip, sample_rows  # noqa: E402
 from quantcli.engine.model import Model  # noqa: E402
 from quantcli.engine.perplexity import PerplexityOptions, evaluate  # noqa: E402
 from quantcli.engine.tokenizer import Tokenizer  # noqa: E402
@@ -40,8 +40,9 @@ from quantcli.engine.w8a8 import W8A8, fake_quant_activations, fake_quant_weight
 from quantcli.formats import open_model  # noqa: E402
 from quantcli.pipelines.smooth import recorded_input_max  # noqa: E402
 
-GROUPS = {"qkv": ("attn_q", "attn_k", "attn_v"), "gu": ("ffn_gate", "ffn_up"),
-          "o": ("attn_output",), "down": ("ffn_down",)}
+# --rotate's names for the block's four inputs, each with the linears that read it
+GROUPS = {"qkv": _SHARING["attn_q"], "gu": _SHARING["ffn_gate"], "o": _SHARING["attn_output"],
+          "down": _SHARING["ffn_down"]}
 
 
 def sylvester(n: int) -> np.ndarray:
@@ -83,7 +84,8 @@ def short(name: str) -> str:
 
 
 class RotatedScales(Observer, name="bench-rotated-scales"):
-    """Per rotated linear, the max|x| of the static scale of its rotated input xR."""
+    """Per rotated linear, the max|x| of the static scale of its rotated input xR: measured once
+    per block input (q/k/v, gate/up share theirs) and given to every linear that reads it."""
 
     def __init__(self, mats: dict[str, np.ndarray], kind: str, max_rows: int = 2048) -> None:
         super().__init__(rotated=sorted(mats), kind=kind, max_rows=max_rows)
@@ -99,7 +101,7 @@ class RotatedScales(Observer, name="bench-rotated-scales"):
 
         def hook(name: str, x: np.ndarray) -> None:
             s = short(name)
-            if s not in self.mats:
+            if s not in self.mats or s not in _SHARING:  # a sharer's input is its group's first
                 return
             xr = x @ self.mats[s]
             peak[name] = max(peak.get(name, 0.0), float(np.abs(xr).max()))
@@ -108,7 +110,9 @@ class RotatedScales(Observer, name="bench-rotated-scales"):
 
         probe(hook, None)
         for name, v in peak.items():
-            self.values_[name] = mse_clip(np.concatenate(parts[name]), v) if self.kind == "mse" else v
+            v = mse_clip(np.concatenate(parts[name]), v) if self.kind == "mse" else v
+            for sharer in _SHARING[short(name)]:
+                self.values_[f"blk.{il}.{sharer}.weight"] = v
 
 
 @dataclass(frozen=True)
@@ -130,15 +134,8 @@ class RotatedW8A8(W8A8):
 
 
 def main() -> None:
-    cache = Path(os.environ.get("QUANTCLI_MODEL_CACHE", Path.home() / ".cache" / "quantcli"))
-    ref = Path(__file__).resolve().parents[2] / "shared" / "reference" / "text"
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", nargs="?", type=Path, default=cache / "gemma3-270m-f32.gguf")
-    ap.add_argument("--text", type=Path, default=ref / "exodus.txt")
-    ap.add_argument("--calib", type=Path, default=ref / "genesis.txt")
-    ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--calib-chunks", type=int, default=512)
+    smoothing_args(ap)
     ap.add_argument("--rotate", default="qkv,gu,o,down")
     ap.add_argument("--r640", choices=("kron", "random"), default="kron")
     ap.add_argument("--static-scales", choices=("mse", "max"), default="mse")
@@ -150,7 +147,9 @@ def main() -> None:
     mats = {}
     for s in sorted(shorts):
         n = reader.tensors[f"blk.0.{s}.weight"].shape[1]
-        mats[s] = by_width.setdefault(n, rotation(n, a.r640))
+        if n not in by_width:
+            by_width[n] = rotation(n, a.r640)
+        mats[s] = by_width[n]
 
     t0 = time.time()
     recorded = recorded_input_max(reader.kv)
